@@ -1,0 +1,275 @@
+/* pcsc-ebpf-spy, kernel side (compiled at run time by bcc).
+ *
+ * The machinery common to every SCard* function lives here; the per-function
+ * probes (pcsc_enter_N / pcsc_return_N) are generated from the function table
+ * in ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and appended to this text.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include "pcsc_event.h"
+
+BPF_PERF_OUTPUT(events);
+
+/* The call in flight on each thread, from entry to return.  LRU so that a
+ * thread we never see return from (killed by a signal the exit probe below
+ * missed) can never fill the map. */
+BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 16384);
+
+/* Scratch space: a RETURN record and a DATA chunk are far larger than the
+ * 512-byte BPF stack. */
+BPF_PERCPU_ARRAY(scratch_call, struct pcsc_call, 1);
+BPF_PERCPU_ARRAY(scratch_data, struct pcsc_data, 1);
+
+#ifdef PCSC_FILTER_PIDS
+/* Only these processes (tgids) are traced: filtering here, not in user
+ * space, keeps other applications' calls out of the perf buffer. */
+BPF_HASH(traced_pids, u32, u8, 4096);
+#endif
+
+static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
+{
+	u64 id = bpf_get_current_pid_tgid();
+
+	h->ts = bpf_ktime_get_ns();
+	h->call_ts = h->ts;
+	h->pid = id >> 32;
+	h->tid = (u32)id;
+	h->kind = kind;
+	h->func = func;
+	bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+/* Entry of an SCard* function.  Returns the in-flight record to fill, or
+ * NULL when this call is not to be reported: another process, or a nested
+ * call (pcsc-lite >= 2.1's libpcsclite.so.1 forwards to
+ * libpcsclite_real.so.1, and both are probed: only the outer call, the
+ * application's own, is reported). */
+static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 func, int nargs)
+{
+	u32 zero = 0;
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct pcsc_call *c;
+
+#ifdef PCSC_FILTER_PIDS
+	u32 pid = id >> 32;
+	if (!traced_pids.lookup(&pid))
+		return NULL;
+#endif
+	c = inflight.lookup(&tid);
+	if (c) {
+		c->depth++;
+		return NULL;
+	}
+	c = scratch_call.lookup(&zero);
+	if (!c)
+		return NULL;
+	__builtin_memset(c, 0, sizeof(*c));
+	fill_head(&c->head, PCSC_REC_ENTER, func);
+	c->args[0] = PT_REGS_PARM1(ctx);
+	c->args[1] = PT_REGS_PARM2(ctx);
+	c->args[2] = PT_REGS_PARM3(ctx);
+	c->args[3] = PT_REGS_PARM4(ctx);
+	c->args[4] = PT_REGS_PARM5(ctx);
+	c->args[5] = PT_REGS_PARM6(ctx);
+	/* x86-64: the 7th argument is on the stack, above the return address. */
+	if (nargs > 6)
+		bpf_probe_read_user(&c->args[6], sizeof(u64), (void *)(PT_REGS_SP(ctx) + 8));
+	inflight.update(&tid, c);
+	return inflight.lookup(&tid);
+}
+
+/* Return of an SCard* function.  *entry receives the in-flight record (the
+ * arguments: output pointers are saved at entry because at return the
+ * registers no longer hold them); the result is the RETURN record to fill. */
+static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pcsc_call **entry)
+{
+	u32 zero = 0;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct pcsc_call *c, *r;
+
+	c = inflight.lookup(&tid);
+	if (!c)
+		return NULL;
+	if (c->depth) {
+		c->depth--;
+		return NULL;
+	}
+	r = scratch_call.lookup(&zero);
+	if (!r)
+		return NULL;
+	__builtin_memcpy(r, c, sizeof(*r));
+	r->head.ts = bpf_ktime_get_ns();
+	r->head.kind = PCSC_REC_RETURN;
+	r->rv = PT_REGS_RC(ctx);
+	r->valid = 0;
+	__builtin_memset(r->words, 0, sizeof(r->words));
+	*entry = c;
+	return r;
+}
+
+static __always_inline void call_submit(struct pt_regs *ctx, struct pcsc_call *r)
+{
+	u32 tid = r->head.tid;
+
+	events.perf_submit(ctx, r, sizeof(*r));
+	if (r->head.kind == PCSC_REC_RETURN)
+		inflight.delete(&tid);
+}
+
+/* One 64-bit word through a pointer: *(u64 *)(addr + off). */
+static __always_inline void read_word(struct pcsc_call *c, int slot, u64 addr, u64 off)
+{
+	if (!addr || slot >= PCSC_MAX_WORDS)
+		return;
+	if (bpf_probe_read_user(&c->words[slot], sizeof(u64), (void *)(addr + off)) == 0)
+		c->valid |= 1U << slot;
+}
+
+/* The value of a word of this phase, 0 when it could not be read. */
+static __always_inline u64 word(struct pcsc_call *c, int slot)
+{
+	if (slot >= PCSC_MAX_WORDS || !(c->valid & (1U << slot)))
+		return 0;
+	return c->words[slot];
+}
+
+/* With SCARD_AUTOALLOCATE in the length word, the buffer argument is a
+ * pointer to the pointer the library allocated. */
+static __always_inline u64 buffer_ptr(struct pcsc_call *entry, int len_slot, u64 arg)
+{
+	u64 p = 0;
+
+	if (!arg || !(entry->valid & (1U << len_slot)) || entry->words[len_slot] != PCSC_AUTOALLOCATE)
+		return arg;
+	bpf_probe_read_user(&p, sizeof(p), (void *)arg);
+	return p;
+}
+
+static __always_inline struct pcsc_data *data_begin(struct pcsc_head *h, u16 field, u16 index)
+{
+	u32 zero = 0;
+	struct pcsc_data *d = scratch_data.lookup(&zero);
+
+	if (!d)
+		return NULL;
+	d->head = *h;
+	d->head.kind = PCSC_REC_DATA;
+	d->field = field;
+	d->index = index;
+	d->flags = 0;
+	d->total = 0;
+	d->offset = 0;
+	d->len = 0;
+	return d;
+}
+
+/* A buffer of len bytes at addr, in chunks, byte-exact up to PCSC_MAX_BUFFER. */
+static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
+				       u16 field, u16 index, u64 addr, u64 len)
+{
+	struct pcsc_data *d = data_begin(h, field, index);
+
+	if (!d)
+		return;
+	if (!addr) {
+		d->flags = PCSC_DATA_NULL;
+		d->total = len > 0xffffffffULL ? 0xffffffff : len;
+		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+		return;
+	}
+	if (len > PCSC_MAX_BUFFER) {
+		d->flags = PCSC_DATA_TRUNCATED;
+		len = PCSC_MAX_BUFFER;
+	}
+	d->total = len;
+#pragma unroll
+	for (int i = 0; i < PCSC_MAX_CHUNKS; i++) {
+		u32 off = i * PCSC_CHUNK;
+		u64 n;
+
+		if (i > 0 && off >= len)
+			break;
+		n = len > off ? len - off : 0;
+		/* Bound the very register handed to the helpers (the verifier
+		 * tracks it, not an earlier copy). */
+		n &= 2 * PCSC_CHUNK - 1;
+		if (n > PCSC_CHUNK)
+			n = PCSC_CHUNK;
+		d->offset = off;
+		if (bpf_probe_read_user(d->data, n, (void *)(addr + off))) {
+			d->flags |= PCSC_DATA_FAULT;
+			d->len = 0;
+			events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+			return;
+		}
+		d->len = n;
+		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data) + n);
+	}
+}
+
+/* A NUL-terminated string at addr (without its NUL). */
+static __always_inline void emit_str(struct pt_regs *ctx, struct pcsc_head *h,
+				     u16 field, u16 index, u64 addr)
+{
+	struct pcsc_data *d = data_begin(h, field, index);
+	long n;
+
+	if (!d)
+		return;
+	if (!addr) {
+		d->flags = PCSC_DATA_NULL;
+		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+		return;
+	}
+	n = bpf_probe_read_user_str(d->data, PCSC_MAX_STRING, (void *)addr);
+	if (n <= 0) {
+		d->flags = PCSC_DATA_FAULT;
+		n = 0;
+	} else {
+		n -= 1;
+		if (n >= PCSC_MAX_STRING - 1)
+			d->flags = PCSC_DATA_TRUNCATED;
+	}
+	n &= PCSC_MAX_STRING - 1;
+	d->len = n;
+	d->total = n;
+	events.perf_submit(ctx, d, offsetof(struct pcsc_data, data) + n);
+}
+
+/* An SCARD_READERSTATE array: the structures (index 0), then the reader name
+ * each one points to (index i + 1). */
+static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_head *h,
+					      u16 field, u64 addr, u64 count)
+{
+	u64 n = count > PCSC_MAX_READERS ? PCSC_MAX_READERS : count;
+
+	emit_bytes(ctx, h, field, 0, addr, count * PCSC_READERSTATE_SIZE);
+	if (!addr)
+		return;
+	for (int i = 0; i < PCSC_MAX_READERS; i++) {
+		u64 name = 0;
+
+		if (i >= n)
+			break;
+		bpf_probe_read_user(&name, sizeof(name),
+				    (void *)(addr + i * PCSC_READERSTATE_SIZE));
+		emit_str(ctx, h, field, i + 1, name);
+	}
+}
+
+/* A thread that ends inside a call never returns from it: report the call
+ * as aborted and forget it, so nothing in flight outlives its thread. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct pcsc_call *c = inflight.lookup(&tid);
+
+	if (!c)
+		return 0;
+	c->head.kind = PCSC_REC_ABORT;
+	c->head.ts = bpf_ktime_get_ns();
+	events.perf_submit(ctx, c, sizeof(*c));
+	inflight.delete(&tid);
+	return 0;
+}

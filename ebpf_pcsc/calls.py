@@ -1,0 +1,206 @@
+"""Decoding: perf-buffer records -> Call objects.
+
+The records of one call arrive as an entry phase and a return phase, each a
+run of DATA records closed by its ENTER or RETURN record (bpf/pcsc_event.h).
+The two phases may come from different CPUs, so a RETURN can arrive before
+its ENTER: it waits until the ENTER is seen.
+"""
+import ctypes
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import layout as L
+from .captures import Bytes, Function, ReaderStates, Text, Word
+
+_HEAD = struct.Struct("<QQIIHH16s4x")  # trailing padding to 8-byte alignment
+_DATA = struct.Struct("<IIIHHH6x")
+assert _HEAD.size == ctypes.sizeof(L.Head)
+assert _HEAD.size + _DATA.size == L.DATA_OFFSET
+
+
+@dataclass
+class Captured:
+    """A buffer or string read from the traced process."""
+    data: Optional[bytes]     # None: NULL pointer or unreadable
+    flags: int = 0
+    total: int = 0            # its full length (NULL: the length argument)
+
+    @property
+    def is_null(self) -> bool:
+        return bool(self.flags & L.PCSC_DATA_NULL)
+
+    @property
+    def fault(self) -> bool:
+        return bool(self.flags & L.PCSC_DATA_FAULT)
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & L.PCSC_DATA_TRUNCATED) or (
+            self.data is not None and len(self.data) < self.total)
+
+
+@dataclass
+class ReaderState:
+    reader: Optional[str]     # None: NULL szReader
+    current_state: int
+    event_state: int
+    cb_atr: int
+    atr: bytes                # the 33 bytes of rgbAtr
+
+
+@dataclass
+class Phase:
+    words: Dict[str, Optional[int]] = field(default_factory=dict)
+    data: Dict[str, Captured] = field(default_factory=dict)
+    readers: Dict[str, Optional[List[ReaderState]]] = field(default_factory=dict)
+
+    def word(self, name: str) -> Optional[int]:
+        return self.words.get(name)
+
+    def text(self, name: str) -> Optional[str]:
+        cap = self.data.get(name)
+        if cap is None or cap.data is None:
+            return None
+        return cap.data.decode("utf-8", "replace")
+
+
+@dataclass
+class Call:
+    fn: Function
+    pid: int
+    tid: int
+    comm: str
+    call_ts: int
+    args: Dict[str, int]
+    entry: Phase
+    exit: Optional[Phase] = None
+    rv: Optional[int] = None
+    ret_ts: Optional[int] = None
+    aborted: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.fn.name
+
+    @property
+    def duration_ns(self) -> int:
+        return (self.ret_ts or self.call_ts) - self.call_ts
+
+
+class _Chunks:
+    """The chunks of one captured buffer, reassembled."""
+    __slots__ = ("buf", "flags", "total")
+
+    def __init__(self, total: int):
+        self.buf = bytearray()
+        self.flags = 0
+        self.total = total
+
+    def add(self, offset: int, data: bytes, flags: int) -> None:
+        self.flags |= flags
+        end = offset + len(data)
+        if len(self.buf) < end:
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    def captured(self) -> Captured:
+        if self.flags & (L.PCSC_DATA_NULL | L.PCSC_DATA_FAULT):
+            return Captured(None, self.flags, self.total)
+        return Captured(bytes(self.buf), self.flags, self.total)
+
+
+def _parse_readerstates(raw: Captured, names: Dict[int, Captured], count: int):
+    if raw.data is None:
+        return None
+    states = []
+    size = L.PCSC_READERSTATE_SIZE
+    for i in range(min(count, len(raw.data) // size)):
+        _, _, cur, evt, cb = struct.unpack_from("<QQQQQ", raw.data, i * size)
+        atr = raw.data[i * size + 40:i * size + 40 + 33]
+        name = names.get(i + 1)
+        reader = None if name is None or name.data is None else name.data.decode("utf-8", "replace")
+        states.append(ReaderState(reader, cur, evt, cb, atr))
+    return states
+
+
+class Assembler:
+    """Feeds on raw records; calls sink.enter(call), sink.leave(call) and
+    sink.abort(call) as calls start, return, or die with their thread."""
+
+    def __init__(self, functions: Sequence[Function], sink):
+        self.functions = functions
+        self.sink = sink
+        self._chunks: Dict[Tuple[int, int], Dict[Tuple[int, int], _Chunks]] = {}
+        self._open: Dict[Tuple[int, int], Call] = {}
+        self._early: Dict[Tuple[int, int], bytes] = {}
+
+    @staticmethod
+    def timestamp(raw: bytes) -> int:
+        return _HEAD.unpack_from(raw)[0]
+
+    def feed(self, raw: bytes) -> None:
+        ts, call_ts, pid, tid, kind, func, comm = _HEAD.unpack_from(raw)
+        key = (tid, call_ts)
+        if kind == L.PCSC_REC_DATA:
+            total, offset, length, fld, index, flags = _DATA.unpack_from(raw, _HEAD.size)
+            chunks = self._chunks.setdefault(key, {})
+            c = chunks.get((fld, index))
+            if c is None:
+                c = chunks[(fld, index)] = _Chunks(total)
+            c.add(offset, raw[L.DATA_OFFSET:L.DATA_OFFSET + length], flags)
+        elif kind == L.PCSC_REC_ENTER:
+            rec = L.CallRecord.from_buffer_copy(raw)
+            fn = self.functions[func]
+            call = Call(fn, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                        call_ts, dict(zip(fn.args, rec.args)),
+                        self._phase(key, fn, fn.entry, 0, rec))
+            self._open[key] = call
+            self.sink.enter(call)
+            early = self._early.pop(key, None)
+            if early is not None:
+                self.feed(early)
+        elif kind == L.PCSC_REC_RETURN:
+            call = self._open.pop(key, None)
+            if call is None:
+                self._early[key] = raw
+                return
+            rec = L.CallRecord.from_buffer_copy(raw)
+            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec)
+            call.rv = rec.rv
+            call.ret_ts = ts
+            self._chunks.pop(key, None)
+            self.sink.leave(call)
+        elif kind == L.PCSC_REC_ABORT:
+            call = self._open.pop(key, None)
+            self._chunks.pop(key, None)
+            if call is not None:
+                call.aborted = True
+                call.ret_ts = ts
+                self.sink.abort(call)
+
+    def _phase(self, key, fn: Function, captures, first_field: int, rec) -> Phase:
+        phase = Phase()
+        chunks = self._chunks.get(key, {})
+        slot = 0
+        for fld, cap in enumerate(captures, first_field):
+            if isinstance(cap, Word):
+                phase.words[cap.name] = rec.words[slot] if rec.valid & (1 << slot) else None
+                slot += 1
+            elif isinstance(cap, (Text, Bytes)):
+                c = chunks.pop((fld, 0), None)
+                if c is not None:
+                    phase.data[cap.name] = c.captured()
+            elif isinstance(cap, ReaderStates):
+                c = chunks.pop((fld, 0), None)
+                names = {i: ch.captured() for (f, i), ch in list(chunks.items()) if f == fld}
+                for i in names:
+                    chunks.pop((fld, i))
+                count = rec.args[fn.arg_index(cap.count)]
+                phase.readers[cap.name] = (None if c is None else
+                                           _parse_readerstates(c.captured(), names, count))
+        return phase
+
+    def pending(self) -> List[Call]:
+        """Calls that started and have not returned (yet)."""
+        return list(self._open.values())

@@ -1,0 +1,109 @@
+"""Capture: compile the BPF program, attach the probes, read the perf buffer.
+
+bcc is imported here, lazily (importing it costs ~0.3 s): importing this
+module does no work.
+"""
+import ctypes
+import os
+from typing import Callable, List, Optional, Sequence
+
+from . import codegen
+from .errors import SpyError
+from .functions import Function
+from .targets import Library
+
+# Per-CPU perf buffer: 1024 pages (4 MiB) absorbs a burst of extended APDUs
+# (five 16 KiB chunks each way) while user space catches up.
+PERF_PAGES = 1024
+
+
+class Capture:
+    def __init__(self, functions: Sequence[Function], libraries: Sequence[Library],
+                 pids: Optional[Sequence[int]] = None, perf_pages: int = PERF_PAGES):
+        self.functions = functions
+        self.libraries = libraries
+        self.pids = list(pids) if pids else None
+        self.perf_pages = perf_pages
+        self.lost = 0
+        self.attached: List[Library] = []
+        self.probe_count = 0
+        self._bpf = None
+        self._batch: List[bytes] = []
+
+    def start(self, on_lost: Callable[[int], None]) -> None:
+        """Compile, load and attach; after this every call is seen."""
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise SpyError("the bcc Python module is missing",
+                           "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
+        source = codegen.program_source(self.functions)
+        try:
+            bpf = BPF(text=source, cflags=codegen.cflags(self.pids is not None))
+        except Exception as e:  # bcc raises a bare Exception
+            raise SpyError("cannot load the BPF program (%s)" % str(e).strip().splitlines()[-1],
+                           "run as root, with CAP_BPF and CAP_PERFMON")
+        self._bpf = bpf
+        if self.pids is not None:
+            table = bpf["traced_pids"]
+            for pid in self.pids:
+                table[table.Key(pid)] = table.Leaf(1)
+        seen = set()
+        for lib in self.libraries:
+            try:
+                st = os.stat(lib.path)
+            except OSError as e:
+                raise SpyError("cannot open %s (%s)" % (lib.path, e.strerror),
+                               "check the path")
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            self._attach(bpf, lib)
+            self.attached.append(lib)
+
+        def lost(count):
+            self.lost += count
+            on_lost(count)
+
+        bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages, lost_cb=lost)
+
+    def _attach(self, bpf, lib: Library) -> None:
+        from bcc import BPF
+        try:
+            exported = {name.decode() for name, _ in
+                        BPF.get_user_functions_and_addresses(lib.path, b"^SCard")}
+        except Exception:
+            exported = set()
+        present = [(i, fn) for i, fn in enumerate(self.functions) if fn.name in exported]
+        if not present:
+            raise SpyError("%s exports no SCard* function" % lib.shown,
+                           "give the path of a libpcsclite.so.1 (or a binary linking it)")
+        for i, fn in present:
+            bpf.attach_uprobe(name=lib.path, sym=fn.name, fn_name=codegen.enter_probe(i))
+            bpf.attach_uretprobe(name=lib.path, sym=fn.name, fn_name=codegen.return_probe(i))
+        self.probe_count = max(self.probe_count, len(present))
+
+    def _on_sample(self, cpu, data, size) -> None:
+        # Copy out now: the perf ring slot is reused after the callback.
+        self._batch.append(ctypes.string_at(data, size))
+
+    def poll(self, timeout_ms: int) -> List[bytes]:
+        """The records that arrived, oldest first.  Records of one phase
+        share a timestamp and keep their order (the sort is stable)."""
+        self._bpf.perf_buffer_poll(timeout=timeout_ms)
+        batch, self._batch = self._batch, []
+        return batch
+
+    def close(self) -> None:
+        if self._bpf is None:
+            return
+        from bcc import lib
+        # bcc attached the uprobes through the perf "uprobe" PMU; its
+        # detach_uprobe_event() would also remove a tracefs event that was
+        # never created (and fails where tracefs is not mounted).  Closing
+        # the perf event is the whole detach.
+        for fd in self._bpf.uprobe_fds.values():
+            lib.bpf_close_perf_event_fd(fd)
+        self._bpf.uprobe_fds.clear()
+        self._bpf.cleanup()
+        self._bpf = None

@@ -1,0 +1,93 @@
+"""Generate the per-function BPF probes from the function table.
+
+Each row becomes pcsc_enter_<i> (uprobe) and pcsc_return_<i> (uretprobe),
+built from the helpers of bpf/pcsc_spy.bpf.c.  A DATA record's `field` is the
+capture's index in Function.captures; a Word's slot is its index among the
+Words of its phase.
+"""
+from pathlib import Path
+from typing import Sequence
+
+from .captures import Bytes, Function, ReaderStates, Text, Word
+from .layout import PCSC_MAX_ARGS, PCSC_MAX_WORDS
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_MAIN = BPF_DIR / "pcsc_spy.bpf.c"
+
+
+def enter_probe(index: int) -> str:
+    return "pcsc_enter_%d" % index
+
+
+def return_probe(index: int) -> str:
+    return "pcsc_return_%d" % index
+
+
+def _phase_code(fn: Function, phase, first_field: int, rec: str) -> list:
+    words = fn.words(phase)
+    if len(words) > PCSC_MAX_WORDS:
+        raise ValueError("%s: more than PCSC_MAX_WORDS words" % fn.name)
+    slot = {w.name: i for i, w in enumerate(words)}
+    entry_slot = {w.name: i for i, w in enumerate(fn.words(fn.entry))}
+
+    def arg(name):
+        return "%s->args[%d]" % (rec, fn.arg_index(name))
+
+    lines = []
+    for field, cap in enumerate(phase, first_field):
+        if isinstance(cap, Word):
+            lines.append("read_word(%s, %d, %s, %d);" % (rec, slot[cap.name], arg(cap.arg), cap.offset))
+        elif isinstance(cap, Text):
+            lines.append("emit_str(ctx, &%s->head, %d, 0, %s);" % (rec, field, arg(cap.arg)))
+        elif isinstance(cap, Bytes):
+            # A Word of this phase (a length read through a pointer) wins
+            # over an argument of the same name.
+            length = ("word(%s, %d)" % (rec, slot[cap.length]) if cap.length in slot
+                      else arg(cap.length))
+            ptr = arg(cap.arg)
+            if cap.autoalloc:
+                ptr = "buffer_ptr(e, %d, %s)" % (entry_slot[cap.autoalloc], ptr)
+            code = "emit_bytes(ctx, &%s->head, %d, 0, %s, %s);" % (rec, field, ptr, length)
+            if cap.on_success:
+                code = "if (%s->rv == 0) %s" % (rec, code)
+            lines.append(code)
+        elif isinstance(cap, ReaderStates):
+            lines.append("emit_readerstates(ctx, &%s->head, %d, %s, %s);"
+                         % (rec, field, arg(cap.arg), arg(cap.count)))
+        else:  # pragma: no cover - a new capture kind needs code here
+            raise TypeError(cap)
+    return lines
+
+
+def probes_source(functions: Sequence[Function]) -> str:
+    out = []
+    for i, fn in enumerate(functions):
+        if len(fn.args) > PCSC_MAX_ARGS:
+            raise ValueError("%s: more than PCSC_MAX_ARGS arguments" % fn.name)
+        entry = _phase_code(fn, fn.entry, 0, "c")
+        exit_ = _phase_code(fn, fn.exit, len(fn.entry), "r")
+        out.append("/* %s */" % fn.name)
+        out.append("int %s(struct pt_regs *ctx)\n{" % enter_probe(i))
+        out.append("\tstruct pcsc_call *c = call_begin(ctx, %d, %d);\n" % (i, len(fn.args)))
+        out.append("\tif (!c)\n\t\treturn 0;")
+        out.extend("\t" + line for line in entry)
+        out.append("\tcall_submit(ctx, c);\n\treturn 0;\n}\n")
+        out.append("int %s(struct pt_regs *ctx)\n{" % return_probe(i))
+        out.append("\tstruct pcsc_call *e = NULL;")
+        out.append("\tstruct pcsc_call *r = call_end(ctx, &e);\n")
+        out.append("\tif (!r || !e)\n\t\treturn 0;")
+        out.extend("\t" + line for line in exit_)
+        out.append("\tcall_submit(ctx, r);\n\treturn 0;\n}\n")
+    return "\n".join(out)
+
+
+def program_source(functions: Sequence[Function]) -> str:
+    """The whole BPF program: the common machinery, then the probes."""
+    return BPF_MAIN.read_text() + "\n" + probes_source(functions)
+
+
+def cflags(filter_pids: bool) -> list:
+    flags = ["-I%s" % BPF_DIR]
+    if filter_pids:
+        flags.append("-DPCSC_FILTER_PIDS")
+    return flags

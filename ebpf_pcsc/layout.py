@@ -1,0 +1,76 @@
+"""The Python mirror of bpf/pcsc_event.h, the only one.
+
+tests/test_layout.py compiles the header and fails when a size, an offset or
+a limit here differs from it.
+"""
+import ctypes
+from pathlib import Path
+
+HEADER = Path(__file__).resolve().parent.parent / "bpf" / "pcsc_event.h"
+
+# Limits (#define in the header).
+PCSC_COMM_LEN = 16
+PCSC_MAX_ARGS = 7
+PCSC_MAX_WORDS = 6
+PCSC_MAX_BUFFER = 65548
+PCSC_CHUNK = 16384
+PCSC_MAX_CHUNKS = 5
+PCSC_MAX_STRING = 512
+PCSC_MAX_READERS = 32
+PCSC_READERSTATE_SIZE = 80
+
+# enum pcsc_record_kind
+PCSC_REC_ENTER = 1
+PCSC_REC_RETURN = 2
+PCSC_REC_DATA = 3
+PCSC_REC_ABORT = 4
+
+# enum pcsc_data_flags
+PCSC_DATA_NULL = 1
+PCSC_DATA_FAULT = 2
+PCSC_DATA_TRUNCATED = 4
+
+
+class Head(ctypes.Structure):
+    _fields_ = [
+        ("ts", ctypes.c_uint64),
+        ("call_ts", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("func", ctypes.c_uint16),
+        ("comm", ctypes.c_char * PCSC_COMM_LEN),
+    ]
+
+
+class CallRecord(ctypes.Structure):
+    _fields_ = [
+        ("head", Head),
+        ("rv", ctypes.c_int64),
+        ("valid", ctypes.c_uint32),
+        ("depth", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * PCSC_MAX_ARGS),
+        ("words", ctypes.c_uint64 * PCSC_MAX_WORDS),
+    ]
+
+
+class DataRecord(ctypes.Structure):
+    _fields_ = [
+        ("head", Head),
+        ("total", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("field", ctypes.c_uint16),
+        ("index", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16 * 3),
+        ("data", ctypes.c_uint8 * PCSC_CHUNK),
+    ]
+
+
+DATA_OFFSET = DataRecord.data.offset
+
+# For the drift test: every struct and limit this module mirrors.
+STRUCTS = {"pcsc_head": Head, "pcsc_call": CallRecord, "pcsc_data": DataRecord}
+LIMITS = {name: value for name, value in globals().items()
+          if name.startswith("PCSC_") and isinstance(value, int)}

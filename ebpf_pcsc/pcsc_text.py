@@ -1,0 +1,492 @@
+"""pcsc-spy's text: each call as pcsc-spy 1.9.x prints it, and its summary.
+
+pcsc-spy's output format is the specification (pcsc-lite's spy code is GPL;
+this is an independent implementation).  Where pcsc-spy 1.9.9 is wrong we
+differ on purpose; docs/differences-from-pcsc-spy.md lists each case.
+
+A renderer is a generator over one call: it yields (direction, text) lines,
+IN ones first; AT_RETURN marks where the call's outputs are needed (the lines
+before it are printed when the call starts, like pcsc-spy does for a blocking
+SCardGetStatusChange); RESULT marks where the result line goes when it is not
+last (SCardControl prints its parsing after it).
+"""
+import sys
+from typing import Dict, List, Optional
+
+from . import constants as K
+from .calls import Call, Captured, ReaderState
+from .stats import Stats
+
+IN, OUT, RAW = "i", "o", "raw"
+AT_RETURN = object()
+RESULT = object()
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+COLOR_RED = "\x1b[01;31m"
+COLOR_GREEN = "\x1b[32m"
+COLOR_BLUE = "\x1b[34m"
+COLOR_MAGENTA = "\x1b[35m"
+COLOR_NORMAL = "\x1b[0m"
+
+
+# -- values as libpcscspy writes them and pcsc-spy prints them ---------------
+
+def hexl(value: int) -> str:
+    """spy_long(): "0x%08lX"."""
+    return "0x%08X" % (value & MASK64)
+
+
+def ptr_long(value: Optional[int]) -> str:
+    """spy_ptr_long(): the pointed-to value, or NULL."""
+    return "NULL" if value is None else hexl(value)
+
+
+def pointer(value: int) -> str:
+    """printf's %p."""
+    return "(nil)" if value == 0 else "0x%x" % value
+
+
+def c_string(value: Optional[str]) -> str:
+    """printf's %s (glibc prints a NULL string as "(null)")."""
+    return "(null)" if value is None else value
+
+
+def with_decimal(header: str, data: str) -> str:
+    """pcsc-spy's generic argument line: a hex value gets its decimal."""
+    if data.startswith("0x"):
+        try:
+            return "%s %s (%d)" % (header, data, int(data, 16))
+        except ValueError:
+            pass
+    return "%s %s" % (header, data)
+
+
+def hex_bytes(data: bytes) -> str:
+    return " ".join("%02X" % b for b in data)
+
+
+def hexdump(data: bytes, width: int = 16) -> List[str]:
+    lines = []
+    for offset in range(0, len(data), width):
+        chunk = data[offset:offset + width]
+        hexes = " ".join("%02X" % b for b in chunk) + "   " * (width - len(chunk))
+        text = "".join(chr(b) if 31 < b < 127 else "." for b in chunk)
+        lines.append("%04X %s %s" % (offset, hexes, text))
+    return lines
+
+
+def states(value: int) -> str:
+    return ", ".join(name for bit, name in K.READER_STATES if value & bit)
+
+
+def preferred_protocols(value: int) -> str:
+    return ", ".join(name for bit, name in K.PROTOCOLS if value & bit)
+
+
+def active_protocol(value: int) -> str:
+    for bit, name in K.PROTOCOLS:  # pcsc-spy names the lowest bit set
+        if value & bit:
+            return name
+    return "UNKNOWN"
+
+
+class Format:
+    """Display options, and the per-thread knowledge pcsc-spy accumulates
+    (the control codes of the reader's features)."""
+
+    def __init__(self, diffable: bool = False):
+        self.diffable = diffable
+        self.control_codes: Dict[int, str] = dict(K.CONTROL_CODES)
+        self.features: Dict[str, int] = {}
+
+    def masked(self, header: str, value: str) -> str:
+        """A value that changes from run to run; `-d` hides it."""
+        return header + ("0x????" if self.diffable else value)
+
+
+# -- one renderer per function ----------------------------------------------
+
+def _handle(c: Call, f: Format, name: str):
+    return IN, f.masked(name + ": ", hexl(c.args[name]))
+
+
+def _buffer(direction: str, label: str, cap: Optional[Captured]):
+    yield direction, label
+    if cap is None or cap.data is None:
+        yield direction, " NULL"
+    else:
+        for line in hexdump(cap.data):
+            yield direction, " " + line
+
+
+def _multistring(size_name: str, field_name: str, length: Optional[int],
+                 cap: Optional[Captured]):
+    """A multi-string as pcsc-spy lists it: its length, then each string up
+    to that length (the terminating empty string included)."""
+    yield OUT, "%s %s" % (size_name, ptr_long(length))
+    if length is None or cap is None or cap.data is None:
+        yield OUT, "%s NULL" % field_name
+        return
+    data, done, pos = cap.data, 0, 0
+    while True:
+        end = data.find(b"\0", pos)
+        if end < 0:
+            end = len(data)
+        yield OUT, "%s %s" % (field_name, data[pos:end].decode("utf-8", "replace"))
+        done += end - pos + 1
+        pos = end + 1
+        if done >= length or pos >= len(data):
+            break
+
+
+def _readers(direction: str, readers: Optional[List[ReaderState]]):
+    for r in readers or ():
+        yield direction, with_decimal("szReader:", c_string(r.reader))
+        yield direction, " dwCurrentState: %s (%s)" % (states(r.current_state), hexl(r.current_state))
+        yield direction, " dwEventState: %s (%s)" % (states(r.event_state), hexl(r.event_state))
+        yield direction, with_decimal(" Atr length:", hexl(r.cb_atr))
+        atr = hex_bytes(r.atr[:r.cb_atr]) if r.cb_atr <= K.MAX_ATR_SIZE else "NULL"
+        yield direction, with_decimal(" Atr:", atr)
+
+
+def establish_context(c: Call, f: Format):
+    scope = c.args["dwScope"]
+    yield IN, "dwScope: %s (%s)" % (K.SCOPES.get(scope, "UNKNOWN"), hexl(scope))
+    yield AT_RETURN
+    yield OUT, f.masked("hContext: ", ptr_long(c.exit.word("phContext")))
+
+
+def context_only(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+
+
+def card_only(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+
+
+def _disposition(c: Call):
+    d = c.args["dwDisposition"]
+    return IN, "dwDisposition: %s (%s)" % (K.DISPOSITIONS.get(d, "UNKNOWN"), hexl(d))
+
+
+def card_disposition(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield _disposition(c)
+
+
+def _share_and_protocols(c: Call):
+    share, proto = c.args["dwShareMode"], c.args["dwPreferredProtocols"]
+    yield IN, "dwShareMode: %s (%s)" % (K.SHARE_MODES.get(share, "UNKNOWN"), hexl(share))
+    yield IN, "dwPreferredProtocols: %s (%s)" % (hexl(proto), preferred_protocols(proto))
+
+
+def _active_protocol(value: Optional[int]):
+    if value is None:
+        return OUT, "dwActiveProtocol: NULL"
+    return OUT, "dwActiveProtocol: %s (%s)" % (active_protocol(value), hexl(value))
+
+
+def connect(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+    yield IN, with_decimal("szReader", c_string(c.entry.text("szReader")))
+    yield from _share_and_protocols(c)
+    yield IN, f.masked("phCard ", ptr_long(c.entry.word("phCard"))) if f.diffable else \
+        with_decimal("phCard", ptr_long(c.entry.word("phCard")))
+    yield IN, with_decimal("pdwActiveProtocol", ptr_long(c.entry.word("pdwActiveProtocol")))
+    yield AT_RETURN
+    yield OUT, f.masked("phCard ", ptr_long(c.exit.word("phCard"))) if f.diffable else \
+        with_decimal("phCard", ptr_long(c.exit.word("phCard")))
+    yield _active_protocol(c.exit.word("pdwActiveProtocol"))
+
+
+def reconnect(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield from _share_and_protocols(c)
+    yield IN, with_decimal("dwInitialization", hexl(c.args["dwInitialization"]))
+    yield AT_RETURN
+    yield _active_protocol(c.exit.word("pdwActiveProtocol"))
+
+
+def status(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield IN, with_decimal("pcchReaderLen", ptr_long(c.entry.word("pcchReaderLen")))
+    yield IN, with_decimal("pcbAtrLen", ptr_long(c.entry.word("pcbAtrLen")))
+    yield AT_RETURN
+    out = c.exit
+    length = out.word("pcchReaderLen")
+    yield OUT, with_decimal("cchReaderLen", ptr_long(length))
+    name = out.data.get("mszReaderName")
+    if length is None:
+        reader = '""'
+    elif name is None or name.data is None:
+        reader = "NULL"
+    else:  # pcsc-spy shows the first string only
+        reader = name.data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    yield OUT, with_decimal("mszReaderName", reader)
+    yield OUT, with_decimal("dwState", ptr_long(out.word("pdwState")))
+    yield OUT, with_decimal("dwProtocol", ptr_long(out.word("pdwProtocol")))
+    atr_len = out.word("pcbAtrLen")
+    if atr_len is None:
+        yield OUT, "bAtrLen NULL"
+        yield OUT, "bAtr"
+    else:
+        yield OUT, with_decimal("bAtrLen", hexl(atr_len))
+        atr = out.data.get("pbAtr")
+        yield OUT, with_decimal("bAtr", "NULL" if atr is None or atr.data is None
+                                else hex_bytes(atr.data))
+
+
+def get_status_change(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+    yield IN, with_decimal("dwTimeout:", hexl(c.args["dwTimeout"]))
+    yield IN, "cReaders: %d" % c.args["cReaders"]
+    yield from _readers(IN, c.entry.readers.get("rgReaderStates"))
+    yield AT_RETURN
+    yield from _readers(OUT, c.exit.readers.get("rgReaderStates"))
+
+
+def _pci(direction: str, c: Call, f: Format, name: str, phase):
+    for fld in ("dwProtocol", "cbPciLength"):
+        label = "%s.%s: " % (name, fld)
+        yield direction, f.masked(label, ptr_long(phase.word("%s.%s" % (name, fld))))
+
+
+def transmit(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield from _pci(IN, c, f, "pioSendPci", c.entry)
+    yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
+    yield from _buffer(IN, "bSendBuffer", c.entry.data.get("pbSendBuffer"))
+    yield AT_RETURN
+    yield from _pci(OUT, c, f, "pioRecvPci", c.exit)
+    yield OUT, with_decimal("bRecvLength", hexl(c.exit.word("pcbRecvLength") or 0))
+    yield from _buffer(OUT, "bRecvBuffer", c.exit.data.get("pbRecvBuffer"))
+
+
+def control(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    code = c.args["dwControlCode"]
+    yield IN, "dwControlCode: %s (%s)" % (f.control_codes.get(code, "UNKNOWN"), hexl(code))
+    yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
+    send = c.entry.data.get("pbSendBuffer")
+    yield from _buffer(IN, "bSendBuffer", send)
+    yield AT_RETURN
+    yield OUT, with_decimal("bRecvLength", hexl(c.exit.word("lpBytesReturned") or 0))
+    recv = c.exit.data.get("pbRecvBuffer")
+    yield from _buffer(OUT, "bRecvBuffer", recv)
+    yield RESULT
+    if c.rv == K.SCARD_S_SUCCESS:
+        yield from _parse_control(f, code,
+                                  send.data if send and send.data else b"",
+                                  recv.data if recv and recv.data else b"")
+
+
+def _parse_control(f: Format, code: int, send: bytes, recv: bytes):
+    """pcsc-spy's decoding of the PC/SC v2 part 10 answers it knows."""
+    if code == K.CM_IOCTL_GET_FEATURE_REQUEST:
+        yield RAW, "  parsing CM_IOCTL_GET_FEATURE_REQUEST results:"
+        while len(recv) >= 2:
+            tag, length, value = recv[0], recv[1], recv[2:2 + recv[1]]
+            ioctl = int.from_bytes(value[:4].rjust(4, b"\0"), "big")
+            name = K.FEATURES.get(tag, "UNKNOWN")
+            f.control_codes[ioctl] = name
+            if name != "UNKNOWN":
+                f.features[name] = ioctl
+            yield RAW, "  Tag %s is 0x%X" % (name, ioctl)
+            recv = recv[2 + length:]
+    elif code == f.features.get("FEATURE_GET_TLV_PROPERTIES"):
+        yield RAW, "  parsing FEATURE_GET_TLV_PROPERTIES results:"
+        while len(recv) >= 2:
+            tag, length, value = recv[0], recv[1], recv[2:2 + recv[1]]
+            yield RAW, "  Tag: %s" % K.TLV_PROPERTIES.get(tag, "UNKNOWN")
+            yield RAW, "   Length:  %d" % length
+            yield RAW, "   Value: %s" % list(value)
+            recv = recv[2 + length:]
+    elif code == f.features.get("FEATURE_IFD_PIN_PROPERTIES") and len(recv) >= 4:
+        yield RAW, "  parsing FEATURE_IFD_PIN_PROPERTIES results:"
+        yield RAW, "  wLcdLayout: %d %d" % (recv[0], recv[1])
+        yield RAW, "  bEntryValidationCondition: %d" % recv[2]
+        yield RAW, "  bTimeOut2: %d" % recv[3]
+    elif code == f.features.get("FEATURE_VERIFY_PIN_DIRECT") and len(send) >= 19:
+        s = send
+        yield RAW, "  parsing FEATURE_VERIFY_PIN_DIRECT:"
+        yield RAW, "  bTimerOut: %d" % s[0]
+        yield RAW, "  bTimerOut2: %d" % s[1]
+        yield RAW, "  bmFormatString: %d" % s[2]
+        yield RAW, "  bmPINBlockString: %d" % s[3]
+        yield RAW, "  bmPINLengthFormat: %d" % s[4]
+        yield RAW, "  wPINMaxExtraDigit: 0x%02X%02X" % (s[6], s[5])
+        yield RAW, "   Min: %d" % s[6]
+        yield RAW, "   Max: %d" % s[5]
+        yield RAW, "  bEntryValidationCondition: %d" % s[7]
+        yield RAW, "  bNumberMessage: %d" % s[8]
+        yield RAW, "  wLangId: 0x%02X%02X" % (s[10], s[9])
+        yield RAW, "  bMsgIndex: %d" % s[11]
+        yield RAW, "  bTeoPrologue: %d %d %d" % (s[12], s[13], s[14])
+        yield RAW, "  ulDataLength: %d" % int.from_bytes(s[15:19], "little")
+        yield RAW, "  APDU:"
+        for line in hexdump(s[19:]):
+            yield RAW, "   " + line
+
+
+def list_reader_groups(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+    yield IN, with_decimal("pcchGroups:", ptr_long(c.entry.word("pcchGroups")))
+    yield AT_RETURN
+    yield from _multistring("pcchGroups:", "mszGroups:", c.exit.word("pcchGroups"),
+                            c.exit.data.get("mszGroups"))
+
+
+def list_readers(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+    yield IN, with_decimal("mszGroups:", c_string(c.entry.text("mszGroups")))
+    yield AT_RETURN
+    yield from _multistring("pcchReaders:", "mszReaders:", c.exit.word("pcchReaders"),
+                            c.exit.data.get("mszReaders"))
+
+
+def free_memory(c: Call, f: Format):
+    yield _handle(c, f, "hContext")
+    mem = pointer(c.args["pvMem"])
+    yield IN, "pvMem: 0x????" if f.diffable else with_decimal("pvMem:", mem)
+
+
+def _attribute(c: Call):
+    attr = c.args["dwAttrId"]
+    return IN, "dwAttrId: %s (%s)" % (K.ATTRIBUTES.get(attr, "UNKNOWN"), hexl(attr))
+
+
+def get_attrib(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield _attribute(c)
+    yield AT_RETURN
+    yield OUT, with_decimal("bAttrLen", hexl(c.exit.word("pcbAttrLen") or 0))
+    yield from _buffer(OUT, "bAttr", c.exit.data.get("pbAttr"))
+
+
+def set_attrib(c: Call, f: Format):
+    yield _handle(c, f, "hCard")
+    yield _attribute(c)
+    yield IN, with_decimal("bAttrLen", hexl(c.args["cbAttrLen"]))
+    yield from _buffer(IN, "bAttr", c.entry.data.get("pbAttr"))
+
+
+# -- the whole trace ----------------------------------------------------------
+
+def elapsed(ns: int) -> str:
+    """A call's duration as pcsc-spy prints it: seconds.microseconds."""
+    us = ns // 1000
+    return "%d.%06d" % divmod(us, 1000000)
+
+
+class TextSink:
+    """Prints calls as they start and return, then pcsc-spy's summary.
+
+    Threads are numbered in order of first call and indented by 4 spaces per
+    number, as pcsc-spy does.  When the calls of a second process show up,
+    each thread's first call is preceded by a line naming its process, and
+    the summary's thread headers carry pid, tid and command (a single
+    traced process gives pcsc-spy's output byte for byte)."""
+
+    def __init__(self, stats: Stats, out=None, color: bool = False, diffable: bool = False,
+                 show_thread: bool = False, result_dialect: str = "1.9"):
+        self.stats = stats
+        self.out = out if out is not None else sys.stdout
+        self.color = color
+        self.diffable = diffable
+        self.show_thread = show_thread
+        self.result_dialect = result_dialect
+        self._threads: Dict[tuple, "_Thread"] = {}
+        self._running: Dict[int, tuple] = {}   # id(call) -> (generator, thread)
+
+    # -- Assembler sink (after Stats has seen the call) --
+    def enter(self, call: Call) -> None:
+        th = self._thread(call)
+        self._print(th.indent + self._paint(COLOR_BLUE, call.name))
+        gen = call.fn.render(call, th.format)
+        self._running[id(call)] = (gen, th)
+        self._run(gen, th, call, until_return=True)
+
+    def leave(self, call: Call) -> None:
+        gen, th = self._running.pop(id(call))
+        self._run(gen, th, call, until_return=False)
+
+    def abort(self, call: Call) -> None:
+        self._running.pop(id(call), None)
+
+    # -- lines --
+    def _run(self, gen, th, call, until_return: bool) -> None:
+        for item in gen:
+            if item is AT_RETURN:
+                if until_return:
+                    return
+                continue
+            if item is RESULT:
+                self._result(th, call)
+                call = None  # printed
+                continue
+            direction, text = item
+            if direction == RAW:
+                self._print(text)
+            else:
+                color = COLOR_GREEN if direction == IN else COLOR_MAGENTA
+                self._print(th.indent + self._paint(color, " %s %s" % (direction, text)))
+        if not until_return and call is not None:
+            self._result(th, call)
+
+    def _result(self, th, call: Call) -> None:
+        rv = call.rv
+        if self.result_dialect == "2.2":
+            data = " => %s [%s] " % (K.rv_name(rv), K.rv_hex(rv))
+        else:
+            data = " => %s (%s [%s]) " % (K.rv_text(rv), K.rv_name(rv), K.rv_hex(rv))
+        time = " [??.??]" if self.diffable else " [%s]" % elapsed(call.duration_ns)
+        if rv != K.SCARD_S_SUCCESS:
+            data = self._paint(COLOR_RED, data)
+        self._print(th.indent + data + time)
+
+    def _paint(self, color: str, text: str) -> str:
+        return color + text + COLOR_NORMAL if self.color else text
+
+    def _print(self, line: str) -> None:
+        self.out.write(line + "\n")
+
+    def _thread(self, call: Call) -> "_Thread":
+        key = (call.pid, call.tid)
+        th = self._threads.get(key)
+        if th is None:
+            number = self.stats.thread(call).number
+            indent = " " * (number * 4)
+            if self.show_thread:
+                indent += " (t%d) " % number
+            th = self._threads[key] = _Thread(indent, Format(self.diffable))
+            if self.stats.several_processes:
+                self._print("%s[pid %d tid %d %s]" % (indent, call.pid, call.tid, call.comm))
+        return th
+
+    # -- summary --
+    def summary(self) -> None:
+        stats = self.stats
+        total = stats.total_seconds
+        for n, th in enumerate(stats.threads.values(), 1):
+            self._print("")
+            header = "Thread %d/%d" % (n, len(stats.threads))
+            if stats.several_processes:
+                header += " (pid %d tid %d %s)" % (th.pid, th.tid, th.comm)
+            self._print(header)
+            self._print("Results sorted by total execution time")
+            self._print("total time: %f sec" % total)
+            for name, durations in th.by_total_time():
+                spent = sum(th.seconds(ns) for ns in durations)
+                share = spent / total * 100.0 if total else 0.0
+                self._print("%f sec (%3d calls) %5.2f%% %s" % (spent, len(durations), share, name))
+        if stats.lost:
+            self._print("")
+            self._print("Lost events: %d (calls are missing above)" % stats.lost)
+
+
+class _Thread:
+    """What the text needs per thread: its indent, pcsc-spy's feature map."""
+
+    def __init__(self, indent: str, fmt: Format):
+        self.indent = indent
+        self.format = fmt

@@ -1,0 +1,133 @@
+"""One tracing session: targets -> capture -> decoding -> renderers, until a
+signal ends it; then the summary.  No click here: the CLI hands over."""
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from . import kheaders, targets
+from .calls import Assembler, Call
+from .capture import Capture
+from .functions import FUNCTIONS
+from .pcsc_text import TextSink
+from .stats import Stats
+
+
+@dataclass
+class Options:
+    pids: Sequence[int] = ()
+    lib: Optional[str] = None
+    color: bool = False
+    diffable: bool = False
+    show_thread: bool = False
+    result_dialect: str = "1.9"
+    perf_pages: Optional[int] = None
+
+
+class _Fanout:
+    """Sink for the Assembler: stats first (renderers read them), then each
+    renderer."""
+
+    def __init__(self, stats: Stats, sinks: list):
+        self.stats = stats
+        self.sinks = sinks
+
+    def enter(self, call: Call) -> None:
+        self.stats.enter(call)
+        for s in self.sinks:
+            s.enter(call)
+
+    def leave(self, call: Call) -> None:
+        self.stats.leave(call)
+        for s in self.sinks:
+            s.leave(call)
+
+    def abort(self, call: Call) -> None:
+        self.stats.abort(call)
+        for s in self.sinks:
+            s.abort(call)
+
+
+def warn(message: str) -> None:
+    sys.stderr.write("pcsc-ebpf-spy: %s\n" % message)
+    sys.stderr.flush()
+
+
+def choose_libraries(opts: Options) -> List[targets.Library]:
+    if opts.lib:
+        return [targets.for_path(opts.lib)]
+    if opts.pids:
+        libs = targets.for_pids(opts.pids)
+        for lib in libs:
+            if not lib.loaded:
+                warn("process %d has not loaded libpcsclite yet: tracing it once it loads %s"
+                     % (lib.pid, lib.shown))
+        return libs
+    return [targets.system_wide()]
+
+
+class _Stop:
+    """SIGINT and SIGTERM end the session (after the summary).  The handlers
+    are installed explicitly: a shell starts background jobs with SIGINT
+    ignored, and the default SIGTERM would kill us before the summary."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def run(opts: Options, out=None) -> int:
+    out = out if out is not None else sys.stdout
+    stop = _Stop()
+    libraries = choose_libraries(opts)
+    kheaders.ensure(warn)
+    stats = Stats()
+    text = TextSink(stats, out=out, color=opts.color, diffable=opts.diffable,
+                    show_thread=opts.show_thread, result_dialect=opts.result_dialect)
+    assembler = Assembler(FUNCTIONS, _Fanout(stats, [text]))
+    capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) or None,
+                      **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
+
+    def on_lost(count: int) -> None:
+        stats.lost += count
+        warn("%d events lost (the perf buffer was full): calls are missing" % count)
+
+    capture.start(on_lost)
+    try:
+        where = ", ".join(lib.shown + ("" if lib.pid is None else " (pid %d)" % lib.pid)
+                          for lib in capture.attached)
+        warn_line = "Tracing %d PC/SC functions in %s... Hit Ctrl-C to end." % (
+            capture.probe_count, where)
+        sys.stderr.write(warn_line + "\n")
+        sys.stderr.flush()
+        interactive = out.isatty() if hasattr(out, "isatty") else False
+        while not stop.requested:
+            _drain(capture, assembler, 100)
+            if interactive:
+                out.flush()
+        # Events submitted before the signal may still be in the buffer.
+        _drain(capture, assembler, 0)
+        for call in assembler.pending():
+            warn("%s of pid %d tid %d had not returned when tracing ended"
+                 % (call.name, call.pid, call.tid))
+        text.summary()
+        out.flush()
+    finally:
+        capture.close()
+    return 0
+
+
+def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> None:
+    batch = capture.poll(timeout_ms)
+    batch.sort(key=Assembler.timestamp)
+    for raw in batch:
+        assembler.feed(raw)

@@ -1,0 +1,86 @@
+"""Which libpcsclite to probe: the system's, the one a process maps, or the
+one the user names."""
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from .errors import SpyError
+
+LIBRARY_NAME = "libpcsclite.so.1"
+_MAPPED = re.compile(r"/libpcsclite(_real)?\.so[.\d]*$")
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64",
+            "/usr/lib", "/lib64", "/lib", "/usr/local/lib")
+
+
+@dataclass(frozen=True)
+class Library:
+    path: str                 # as this tracer opens it
+    shown: str                # as the traced process sees it
+    pid: Optional[int] = None
+    loaded: bool = True       # False: the process has not mapped it yet
+
+
+def check_elf(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SpyError("cannot read --lib %s (%s)" % (path, e.strerror),
+                       "give the path of a libpcsclite.so.1")
+    if magic != b"\x7fELF":
+        raise SpyError("--lib %s is not an ELF file" % path,
+                       "give the path of a libpcsclite.so.1 (or a binary linking it)")
+
+
+def system_library(root: str = "/") -> str:
+    for d in LIB_DIRS:
+        candidate = os.path.join(root, d.lstrip("/"), LIBRARY_NAME)
+        if os.path.exists(candidate):
+            return candidate
+    raise SpyError("%s not found" % LIBRARY_NAME,
+                   "install libpcsclite1 (sudo apt-get install libpcsclite1) or use --lib PATH")
+
+
+def mapped_libraries(pid: int) -> List[str]:
+    """The libpcsclite files process pid maps, as it names them."""
+    paths = []
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6:
+                    path = parts[5].strip()
+                    if _MAPPED.search(path) and path not in paths:
+                        paths.append(path)
+    except FileNotFoundError:
+        raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
+    except PermissionError:
+        raise SpyError("cannot read /proc/%d/maps" % pid, "run as root (sudo)")
+    return paths
+
+
+def for_pids(pids: Iterable[int]) -> List[Library]:
+    libs = []
+    for pid in pids:
+        if pid <= 0 or not os.path.isdir("/proc/%d" % pid):
+            raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
+        root = "/proc/%d/root" % pid
+        mapped = mapped_libraries(pid)
+        if mapped:
+            libs.extend(Library(root + p, p, pid) for p in mapped)
+        else:
+            path = system_library(root)
+            libs.append(Library(path, path[len(root):], pid, loaded=False))
+    return libs
+
+
+def for_path(path: str) -> Library:
+    check_elf(path)
+    return Library(os.path.realpath(path), path)
+
+
+def system_wide() -> Library:
+    path = system_library()
+    return Library(os.path.realpath(path), path)
