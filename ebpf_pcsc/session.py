@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 from . import kheaders, targets
 from .calls import Assembler, Call
 from .capture import Capture
+from .errors import SpyError
 from .functions import FUNCTIONS
 from .pcsc_text import TextSink
 from .stats import Stats
@@ -47,6 +48,8 @@ class _Fanout:
         self.stats.abort(call)
         for s in self.sinks:
             s.abort(call)
+        warn("%s: pid %d tid %d (%s) ended inside the call"
+             % (call.name, call.pid, call.tid, call.comm))
 
 
 def warn(message: str) -> None:
@@ -65,6 +68,20 @@ def choose_libraries(opts: Options) -> List[targets.Library]:
                      % (lib.pid, lib.shown))
         return libs
     return [targets.system_wide()]
+
+
+# Capability bits (linux/capability.h).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def check_privileges() -> None:
+    """Loading BPF and opening uprobes needs root, or CAP_BPF + CAP_PERFMON."""
+    with open("/proc/self/status") as f:
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    if caps & (1 << CAP_SYS_ADMIN) or (caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON)):
+        return
+    raise SpyError("not enough privileges to load eBPF programs",
+                   "run as root (sudo pcsc-ebpf-spy ...) or grant CAP_BPF and CAP_PERFMON")
 
 
 class _Stop:
@@ -88,6 +105,7 @@ class _Stop:
 def run(opts: Options, out=None) -> int:
     out = out if out is not None else sys.stdout
     stop = _Stop()
+    check_privileges()
     libraries = choose_libraries(opts)
     kheaders.ensure(warn)
     stats = Stats()
