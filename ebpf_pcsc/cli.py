@@ -13,15 +13,16 @@ PROG = "pcsc-ebpf-spy"
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--pid", "pids", type=int, multiple=True, metavar="PID",
               help="Trace only this process (repeatable). Default: every process.")
-@click.option("--lib", metavar="PATH", help="Probe this library instead of the system's libpcsclite.so.1.")
+@click.option("--lib", "libs", metavar="PATH", multiple=True,
+              help="Probe this library (repeatable) instead of the system's libpcsclite.so.1.")
 @click.option("-n", "--nocolor", is_flag=True, help="No colours (default when stdout is not a terminal).")
 @click.option("-d", "--diffable", is_flag=True, help="Mask handles and times, for diffs.")
 @click.option("-t", "--thread", "show_thread", is_flag=True, help="Prefix lines with the thread number.")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
-def command(pids, lib, nocolor, diffable, show_thread):
+def command(pids, libs, nocolor, diffable, show_thread):
     """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does."""
     from .session import Options, run
-    opts = Options(pids=pids, lib=lib, color=not nocolor and sys.stdout.isatty(),
+    opts = Options(pids=pids, libs=libs, color=not nocolor and sys.stdout.isatty(),
                    diffable=diffable, show_thread=show_thread)
     return run(opts)
 

@@ -18,7 +18,8 @@ from typing import Optional
 from .errors import SpyError
 
 CACHE = Path(os.environ.get("PCSC_EBPF_SPY_CACHE", "/var/cache/pcsc-ebpf-spy"))
-SRC = Path("/usr/src")
+# Where Debian installs kernel headers (overridable, e.g. to test the error).
+SRC = Path(os.environ.get("PCSC_EBPF_SPY_KERNEL_SRC", "/usr/src"))
 
 
 def _version_key(path: Path):
@@ -61,7 +62,8 @@ def ensure(warn) -> Optional[str]:
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return os.environ["BCC_KERNEL_SOURCE"]
     release = platform.release()
-    if (Path("/lib/modules") / release / "build" / "include").is_dir():
+    if (Path("/lib/modules") / release / "build" / "include").is_dir() \
+            and "PCSC_EBPF_SPY_KERNEL_SRC" not in os.environ:
         return None
     found = _newest_debian_headers()
     if found is None:

@@ -18,7 +18,7 @@ from .stats import Stats
 @dataclass
 class Options:
     pids: Sequence[int] = ()
-    lib: Optional[str] = None
+    libs: Sequence[str] = ()
     color: bool = False
     diffable: bool = False
     show_thread: bool = False
@@ -58,8 +58,8 @@ def warn(message: str) -> None:
 
 
 def choose_libraries(opts: Options) -> List[targets.Library]:
-    if opts.lib:
-        return [targets.for_path(opts.lib)]
+    if opts.libs:
+        return [targets.for_path(path) for path in opts.libs]
     if opts.pids:
         libs = targets.for_pids(opts.pids)
         for lib in libs:
@@ -127,10 +127,10 @@ def run(opts: Options, out=None) -> int:
             capture.probe_count, where)
         sys.stderr.write(warn_line + "\n")
         sys.stderr.flush()
-        interactive = out.isatty() if hasattr(out, "isatty") else False
         while not stop.requested:
-            _drain(capture, assembler, 100)
-            if interactive:
+            # Flush after each batch, not each line: a blocked call's first
+            # lines show at once, and a burst still costs one write.
+            if _drain(capture, assembler, 100):
                 out.flush()
         # Events submitted before the signal may still be in the buffer.
         _drain(capture, assembler, 0)
@@ -144,8 +144,10 @@ def run(opts: Options, out=None) -> int:
     return 0
 
 
-def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> None:
+def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> int:
+    """Poll once; feed what arrived, oldest first.  Returns the count."""
     batch = capture.poll(timeout_ms)
     batch.sort(key=Assembler.timestamp)
     for raw in batch:
         assembler.feed(raw)
+    return len(batch)

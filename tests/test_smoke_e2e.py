@@ -9,7 +9,7 @@ SPEC_18 = {
     "SCardListReaderGroups", "SCardListReaders", "SCardFreeMemory", "SCardCancel",
     "SCardGetAttrib", "SCardSetAttrib",
 }
-RESULT = re.compile(r"^ => .*\[(0x[0-9A-F]{8})\]\)  \[\d+\.\d{6}\]$")
+RESULT = re.compile(r"^ => .*\[(0x[0-9A-F]{8})\]\)  \[(\d+\.\d{6}|\?\?\.\?\?)\]$")
 
 
 def calls_of(trace: str):
