@@ -901,11 +901,38 @@ static int scenario_wait_then_run(void)
 
 /* ------------------------------------------------------------------ */
 
+/* GetStatusChange on 16 reader states: the two vpcd readers, eight times
+ * each, alternating (pcsc-lite rejects names no reader has, even when
+ * they are marked SCARD_STATE_IGNORE); the last eight are IGNOREd. */
+#define READERS16 16
+static int scenario_readers16(void)
+{
+	SCARDCONTEXT hContext = 0;
+	SCARD_READERSTATE rs[READERS16];
+	char names[READERS16][32];
+	int i;
+
+	if (establish(&hContext) != SCARD_S_SUCCESS)
+		return 1;
+	if (get_first_reader(hContext) != 0)
+		return 1;
+	memset(rs, 0, sizeof rs);
+	for (i = 0; i < READERS16; i++) {
+		snprintf(names[i], sizeof names[i], "Virtual PCD 00 %02d", i % 2);
+		rs[i].szReader = names[i];
+		rs[i].dwCurrentState = i < 8 ? SCARD_STATE_UNAWARE : SCARD_STATE_IGNORE;
+	}
+	report("SCardGetStatusChange",
+	       SCardGetStatusChange(hContext, 0, rs, READERS16), SCARD_S_SUCCESS);
+	report("SCardReleaseContext", SCardReleaseContext(hContext), SCARD_S_SUCCESS);
+	return failures ? 1 : 0;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: pcsc_client SCENARIO [ARGS]\n"
-		"  all | errors | nullrecvpci | extended65k | nullargs | attrs | blocked |\n"
+		"  all | errors | nullrecvpci | extended65k | nullargs | attrs | readers16 | blocked |\n"
 		"  loop N | isvalid N | threads T N | sleep MS | wait-then-run\n");
 }
 
@@ -939,6 +966,8 @@ int main(int argc, char **argv)
 		rc = scenario_extended65k();
 	else if (!strcmp(sc, "nullargs"))
 		rc = scenario_nullargs();
+	else if (!strcmp(sc, "readers16"))
+		rc = scenario_readers16();
 	else if (!strcmp(sc, "attrs"))
 		rc = scenario_attrs();
 	else if (!strcmp(sc, "loop"))
