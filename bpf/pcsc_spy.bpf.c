@@ -191,11 +191,12 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 		if (i > 0 && off >= len)
 			break;
 		n = len > off ? len - off : 0;
-		/* Bound the very register handed to the helpers (the verifier
-		 * tracks it, not an earlier copy). */
-		n &= 2 * PCSC_CHUNK - 1;
 		if (n > PCSC_CHUNK)
 			n = PCSC_CHUNK;
+		/* Clamped above; the mask changes nothing but bounds the very
+		 * register handed to the helpers (the verifier tracks it, not
+		 * an earlier copy). */
+		n &= 2 * PCSC_CHUNK - 1;
 		d->offset = off;
 		if (bpf_probe_read_user(d->data, n, (void *)(addr + off))) {
 			d->flags |= PCSC_DATA_FAULT;

@@ -47,6 +47,7 @@ class ReaderState:
     event_state: int
     cb_atr: int
     atr: bytes                # the 33 bytes of rgbAtr
+    name_captured: bool = True   # False past PCSC_MAX_READERS
 
 
 @dataclass
@@ -90,15 +91,18 @@ class Call:
 
 class _Chunks:
     """The chunks of one captured buffer, reassembled."""
-    __slots__ = ("buf", "flags", "total")
+    __slots__ = ("buf", "flags", "total", "received", "ts")
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, ts: int):
         self.buf = bytearray()
         self.flags = 0
         self.total = total
+        self.received = 0     # a lost chunk must not pass for zeros
+        self.ts = ts
 
     def add(self, offset: int, data: bytes, flags: int) -> None:
         self.flags |= flags
+        self.received += len(data)
         end = offset + len(data)
         if len(self.buf) < end:
             self.buf.extend(bytes(end - len(self.buf)))
@@ -107,6 +111,9 @@ class _Chunks:
     def captured(self) -> Captured:
         if self.flags & (L.PCSC_DATA_NULL | L.PCSC_DATA_FAULT):
             return Captured(None, self.flags, self.total)
+        if self.received < min(self.total, L.PCSC_MAX_BUFFER):
+            # A chunk was lost on the way: what we have is not the buffer.
+            return Captured(None, self.flags | L.PCSC_DATA_TRUNCATED, self.total)
         return Captured(bytes(self.buf), self.flags, self.total)
 
 
@@ -120,7 +127,7 @@ def _parse_readerstates(raw: Captured, names: Dict[int, Captured], count: int):
         atr = raw.data[i * size + 40:i * size + 40 + 33]
         name = names.get(i + 1)
         reader = None if name is None or name.data is None else name.data.decode("utf-8", "replace")
-        states.append(ReaderState(reader, cur, evt, cb, atr))
+        states.append(ReaderState(reader, cur, evt, cb, atr, i < L.PCSC_MAX_READERS))
     return states
 
 
@@ -134,6 +141,21 @@ class Assembler:
         self._chunks: Dict[Tuple[int, int], Dict[Tuple[int, int], _Chunks]] = {}
         self._open: Dict[Tuple[int, int], Call] = {}
         self._early: Dict[Tuple[int, int], bytes] = {}
+        self.latest_ts = 0
+
+    # A RETURN waits for its ENTER only as long as another CPU's buffer can
+    # lag behind; after that its ENTER was lost (lost events are counted and
+    # reported elsewhere), and the leftovers are dropped.
+    HORIZON_NS = 10 * 1000000000
+
+    def expire(self) -> None:
+        """Forget returns and chunks whose call start was never seen."""
+        limit = self.latest_ts - self.HORIZON_NS
+        for key in [k for k, raw in self._early.items() if self.timestamp(raw) < limit]:
+            del self._early[key]
+        for key in [k for k, chunks in self._chunks.items()
+                    if k not in self._open and all(c.ts < limit for c in chunks.values())]:
+            del self._chunks[key]
 
     @staticmethod
     def timestamp(raw: bytes) -> int:
@@ -142,12 +164,14 @@ class Assembler:
     def feed(self, raw: bytes) -> None:
         ts, call_ts, pid, tid, kind, func, comm = _HEAD.unpack_from(raw)
         key = (tid, call_ts)
+        if ts > self.latest_ts:
+            self.latest_ts = ts
         if kind == L.PCSC_REC_DATA:
             total, offset, length, fld, index, flags = _DATA.unpack_from(raw, _HEAD.size)
             chunks = self._chunks.setdefault(key, {})
             c = chunks.get((fld, index))
             if c is None:
-                c = chunks[(fld, index)] = _Chunks(total)
+                c = chunks[(fld, index)] = _Chunks(total, ts)
             c.add(offset, raw[L.DATA_OFFSET:L.DATA_OFFSET + length], flags)
         elif kind == L.PCSC_REC_ENTER:
             rec = L.CallRecord.from_buffer_copy(raw)

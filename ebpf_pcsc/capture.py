@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Sequence
 from . import codegen
 from .errors import SpyError
 from .functions import Function
-from .targets import Library
+from .targets import Library, exported_functions
 
 # Per-CPU perf buffer: 1024 pages (4 MiB) absorbs a burst of extended APDUs
 # (five 16 KiB chunks each way) while user space catches up.
@@ -25,7 +25,7 @@ class Capture:
         self.pids = list(pids) if pids else None
         self.perf_pages = perf_pages
         self.lost = 0
-        self.attached: List[Library] = []
+        self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0
         self._bpf = None
         self._batch: List[bytes] = []
@@ -48,18 +48,18 @@ class Capture:
             table = bpf["traced_pids"]
             for pid in self.pids:
                 table[table.Key(pid)] = table.Leaf(1)
-        seen = set()
+        # Probes go on a file (an inode): attach once per file, whoever maps it.
+        files = {}
         for lib in self.libraries:
             try:
                 st = os.stat(lib.path)
             except OSError as e:
                 raise SpyError("cannot open %s (%s)" % (lib.path, e.strerror),
                                "check the path")
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            self._attach(bpf, lib)
-            self.attached.append(lib)
+            files.setdefault((st.st_dev, st.st_ino), []).append(lib)
+        for libs in files.values():
+            self._attach(bpf, libs[0])
+            self.attached.append(libs)
 
         def lost(count):
             self.lost += count
@@ -68,19 +68,18 @@ class Capture:
         bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages, lost_cb=lost)
 
     def _attach(self, bpf, lib: Library) -> None:
-        from bcc import BPF
-        try:
-            exported = {name.decode() for name, _ in
-                        BPF.get_user_functions_and_addresses(lib.path, b"^SCard")}
-        except Exception:
-            exported = set()
+        exported = exported_functions(lib.path)
         present = [(i, fn) for i, fn in enumerate(self.functions) if fn.name in exported]
         if not present:
             raise SpyError("%s exports no SCard* function" % lib.shown,
                            "give the path of a libpcsclite.so.1 (or a binary linking it)")
+        # Return probes first: a call entered before its entry probe exists
+        # has no in-flight record and its return is ignored, whereas an entry
+        # without a return probe would leave a record behind on its thread.
+        for i, fn in present:
+            bpf.attach_uretprobe(name=lib.path, sym=fn.name, fn_name=codegen.return_probe(i))
         for i, fn in present:
             bpf.attach_uprobe(name=lib.path, sym=fn.name, fn_name=codegen.enter_probe(i))
-            bpf.attach_uretprobe(name=lib.path, sym=fn.name, fn_name=codegen.return_probe(i))
         self.probe_count = max(self.probe_count, len(present))
 
     def _on_sample(self, cpu, data, size) -> None:

@@ -110,12 +110,23 @@ def _handle(c: Call, f: Format, name: str):
     return IN, f.masked(name + ": ", hexl(c.args[name]))
 
 
-def _buffer(direction: str, label: str, cap: Optional[Captured]):
+def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Optional[bytes]:
+    """The bytes to show for a buffer; None shows as NULL.  An output buffer
+    is not read after a failed call (it holds stale memory, which pcsc-spy
+    1.9.9 prints): it shows as NULL, unless nothing was returned in it."""
+    if cap is not None:
+        return cap.data
+    if pointer and length == 0:
+        return b""
+    return None
+
+
+def _buffer(direction: str, label: str, data: Optional[bytes]):
     yield direction, label
-    if cap is None or cap.data is None:
+    if data is None:
         yield direction, " NULL"
     else:
-        for line in hexdump(cap.data):
+        for line in hexdump(data):
             yield direction, " " + line
 
 
@@ -141,7 +152,8 @@ def _multistring(size_name: str, field_name: str, length: Optional[int],
 
 def _readers(direction: str, readers: Optional[List[ReaderState]]):
     for r in readers or ():
-        yield direction, with_decimal("szReader:", c_string(r.reader))
+        name = c_string(r.reader) if r.name_captured else "(name not captured)"
+        yield direction, with_decimal("szReader:", name)
         yield direction, " dwCurrentState: %s (%s)" % (states(r.current_state), hexl(r.current_state))
         yield direction, " dwEventState: %s (%s)" % (states(r.event_state), hexl(r.event_state))
         yield direction, with_decimal(" Atr length:", hexl(r.cb_atr))
@@ -231,9 +243,8 @@ def status(c: Call, f: Format):
         yield OUT, "bAtr"
     else:
         yield OUT, with_decimal("bAtrLen", hexl(atr_len))
-        atr = out.data.get("pbAtr")
-        yield OUT, with_decimal("bAtr", "NULL" if atr is None or atr.data is None
-                                else hex_bytes(atr.data))
+        atr = _shown(out.data.get("pbAtr"), c.args["pbAtr"], atr_len)
+        yield OUT, with_decimal("bAtr", "NULL" if atr is None else hex_bytes(atr))
 
 
 def get_status_change(c: Call, f: Format):
@@ -255,11 +266,14 @@ def transmit(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield from _pci(IN, c, f, "pioSendPci", c.entry)
     yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
-    yield from _buffer(IN, "bSendBuffer", c.entry.data.get("pbSendBuffer"))
+    yield from _buffer(IN, "bSendBuffer", _shown(c.entry.data.get("pbSendBuffer"),
+                                                 c.args["pbSendBuffer"], c.args["cbSendLength"]))
     yield AT_RETURN
     yield from _pci(OUT, c, f, "pioRecvPci", c.exit)
-    yield OUT, with_decimal("bRecvLength", hexl(c.exit.word("pcbRecvLength") or 0))
-    yield from _buffer(OUT, "bRecvBuffer", c.exit.data.get("pbRecvBuffer"))
+    length = c.exit.word("pcbRecvLength") or 0
+    yield OUT, with_decimal("bRecvLength", hexl(length))
+    yield from _buffer(OUT, "bRecvBuffer", _shown(c.exit.data.get("pbRecvBuffer"),
+                                                  c.args["pbRecvBuffer"], length))
 
 
 def control(c: Call, f: Format):
@@ -267,17 +281,17 @@ def control(c: Call, f: Format):
     code = c.args["dwControlCode"]
     yield IN, "dwControlCode: %s (%s)" % (f.control_codes.get(code, "UNKNOWN"), hexl(code))
     yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
-    send = c.entry.data.get("pbSendBuffer")
+    send = _shown(c.entry.data.get("pbSendBuffer"), c.args["pbSendBuffer"],
+                  c.args["cbSendLength"])
     yield from _buffer(IN, "bSendBuffer", send)
     yield AT_RETURN
-    yield OUT, with_decimal("bRecvLength", hexl(c.exit.word("lpBytesReturned") or 0))
-    recv = c.exit.data.get("pbRecvBuffer")
+    length = c.exit.word("lpBytesReturned") or 0
+    yield OUT, with_decimal("bRecvLength", hexl(length))
+    recv = _shown(c.exit.data.get("pbRecvBuffer"), c.args["pbRecvBuffer"], length)
     yield from _buffer(OUT, "bRecvBuffer", recv)
     yield RESULT
     if c.rv == K.SCARD_S_SUCCESS:
-        yield from _parse_control(f, code,
-                                  send.data if send and send.data else b"",
-                                  recv.data if recv and recv.data else b"")
+        yield from _parse_control(f, code, send or b"", recv or b"")
 
 
 def _parse_control(f: Format, code: int, send: bytes, recv: bytes):
@@ -359,15 +373,17 @@ def get_attrib(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield _attribute(c)
     yield AT_RETURN
-    yield OUT, with_decimal("bAttrLen", hexl(c.exit.word("pcbAttrLen") or 0))
-    yield from _buffer(OUT, "bAttr", c.exit.data.get("pbAttr"))
+    length = c.exit.word("pcbAttrLen") or 0
+    yield OUT, with_decimal("bAttrLen", hexl(length))
+    yield from _buffer(OUT, "bAttr", _shown(c.exit.data.get("pbAttr"), c.args["pbAttr"], length))
 
 
 def set_attrib(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield _attribute(c)
     yield IN, with_decimal("bAttrLen", hexl(c.args["cbAttrLen"]))
-    yield from _buffer(IN, "bAttr", c.entry.data.get("pbAttr"))
+    yield from _buffer(IN, "bAttr", _shown(c.entry.data.get("pbAttr"), c.args["pbAttr"],
+                                           c.args["cbAttrLen"]))
 
 
 # -- the whole trace ----------------------------------------------------------

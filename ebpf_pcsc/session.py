@@ -121,8 +121,7 @@ def run(opts: Options, out=None) -> int:
 
     capture.start(on_lost)
     try:
-        where = ", ".join(lib.shown + ("" if lib.pid is None else " (pid %d)" % lib.pid)
-                          for lib in capture.attached)
+        where = ", ".join(_describe(libs) for libs in capture.attached)
         warn_line = "Tracing %d PC/SC functions in %s... Hit Ctrl-C to end." % (
             capture.probe_count, where)
         sys.stderr.write(warn_line + "\n")
@@ -144,10 +143,18 @@ def run(opts: Options, out=None) -> int:
     return 0
 
 
+def _describe(libs: List[targets.Library]) -> str:
+    """A probed file, as its processes see it: "/usr/lib/.../x.so (pid 1, 2)"."""
+    pids = [str(lib.pid) for lib in libs if lib.pid is not None]
+    return libs[0].shown + (" (pid %s)" % ", ".join(pids) if pids else "")
+
+
 def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> int:
     """Poll once; feed what arrived, oldest first.  Returns the count."""
     batch = capture.poll(timeout_ms)
     batch.sort(key=Assembler.timestamp)
     for raw in batch:
         assembler.feed(raw)
+    if batch:
+        assembler.expire()
     return len(batch)

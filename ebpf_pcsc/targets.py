@@ -76,8 +76,21 @@ def for_pids(pids: Iterable[int]) -> List[Library]:
     return libs
 
 
+def exported_functions(path: str) -> set:
+    """The SCard* functions an ELF file defines."""
+    from bcc import BPF  # lazily: importing bcc takes ~0.3 s
+    try:
+        found = BPF.get_user_functions_and_addresses(path, b"^SCard")
+    except Exception:
+        return set()
+    return {name.decode() for name, _ in found}
+
+
 def for_path(path: str) -> Library:
     check_elf(path)
+    if not exported_functions(path):
+        raise SpyError("--lib %s exports no SCard* function" % path,
+                       "give the path of a libpcsclite.so.1 (or a binary linking it)")
     return Library(os.path.realpath(path), path)
 
 

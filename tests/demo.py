@@ -31,7 +31,7 @@ sys.path.insert(0, str(TESTS))
 
 from testbed import PYTHON, PcscStack  # noqa: E402
 
-START_TIMEOUT = 60.0   # the tracer compiles its BPF program first (~1-2 s)
+START_TIMEOUT = 60.0   # the tracer compiles its BPF program first (1-7 s seen here)
 RUN_TIMEOUT = 30.0
 
 # The default client: Python through ctypes, so libpcsclite.so.1 is dlopen()ed
@@ -82,7 +82,11 @@ def _stop(proc, sig=signal.SIGTERM, grace=5.0):
     proc.wait()
 
 
-def _on_sigterm(signum, frame):
+def _interrupt(signum, frame):
+    # The first Ctrl-C (or SIGTERM) interrupts; later ones must not cut the
+    # clean-up short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -149,7 +153,8 @@ class Demo:
                 say("client: %s" % line)
 
         time.sleep(0.2)  # let the last events reach the tracer
-        say("stopping the tracer (SIGINT): it prints the summary")
+        say("stopping the tracer (SIGINT): it prints the summary, then detaches its probes "
+            "(the kernel may take seconds)")
         status = self._stop_tracer()
         if status != 0:
             raise RuntimeError("the tracer exited with status %d" % status)
@@ -189,7 +194,8 @@ def main(argv=None):
     if os.geteuid() != 0:
         say("needs root (eBPF, a private mount namespace for pcscd): sudo make demo")
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     demo = Demo(args.all)
     status = 0
     try:
@@ -201,7 +207,6 @@ def main(argv=None):
         say("failed: %s" % e)
         status = 1
     finally:
-        # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         demo.cleanup()

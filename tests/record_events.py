@@ -53,6 +53,8 @@ SCENARIOS = (
 )
 
 _LEN = struct.Struct("<I")
+# extended65k, the biggest, is ~130 KB (its two buffers, 65 KB each, once).
+MAX_FIXTURE = 512 * 1024
 
 
 # -- the file format (used by the tests) ---------------------------------------
@@ -122,10 +124,11 @@ def _drain(capture, sink: List[bytes], timeout_ms: int) -> int:
 
 def record(stack, client: str, scenario, timeout: float = 60.0) -> tuple:
     """Run one scenario under a Capture; returns (records, client stdout)."""
-    from ebpf_pcsc import layout, targets
+    from ebpf_pcsc import kheaders, layout, targets
     from ebpf_pcsc.capture import Capture
     from ebpf_pcsc.functions import FUNCTIONS
 
+    kheaders.ensure(print)  # quiet once BCC_KERNEL_SOURCE is set
     head = struct.Struct("<QQII")
     # The client waits on its stdin before exec'ing (same pid), so the
     # capture can be filtered on that pid before the first call.
@@ -193,6 +196,9 @@ def main(argv: List[str]) -> int:
         for scenario in wanted:
             name = name_of(scenario)
             records, stdout = record(stack, client, scenario)
+            size = sum(4 + len(r) for r in records)
+            if size > MAX_FIXTURE:
+                raise RuntimeError("%s: %d bytes of records: too big for a fixture" % (name, size))
             write_records(records_path(name), records)
             client_path(name).write_text(stdout)
             print("%-14s %5d records %8d bytes  %3d calls"
