@@ -263,9 +263,16 @@ static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_h
  * as aborted and forget it, so nothing in flight outlives its thread. */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct pcsc_call *c = inflight.lookup(&tid);
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct pcsc_call *c;
 
+#ifdef PCSC_FILTER_PIDS
+	/* The process is gone: its pid may be reused by another one. */
+	if (tid == id >> 32)
+		traced_pids.delete(&tid);
+#endif
+	c = inflight.lookup(&tid);
 	if (!c)
 		return 0;
 	c->head.kind = PCSC_REC_ABORT;
@@ -274,3 +281,24 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	inflight.delete(&tid);
 	return 0;
 }
+
+#ifdef PCSC_FILTER_PIDS
+/* A process created by a traced process is traced too (command mode traces
+ * COMMAND and its descendants).  The child's tgid is read at
+ * PCSC_TASK_TGID_OFFSET, taken from the running kernel's BTF: the headers
+ * bcc compiles with may describe another kernel's task_struct. */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	void *child = (void *)ctx->args[1];
+	u32 tgid = 0;
+	u8 one = 1;
+
+	if (!traced_pids.lookup(&parent))
+		return 0;
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), child + PCSC_TASK_TGID_OFFSET);
+	if (tgid)
+		traced_pids.update(&tgid, &one);
+	return 0;
+}
+#endif

@@ -5,6 +5,7 @@ module does no work.
 """
 import ctypes
 import os
+import sys
 from typing import Callable, List, Optional, Sequence
 
 from . import codegen
@@ -17,12 +18,40 @@ from .targets import Library, exported_functions
 PERF_PAGES = 1024
 
 
+class _CapturedOutput:
+    """File descriptors 1 and 2 redirected to a temporary file for a while."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.file.seek(0)
+        self.text = self.file.read().decode("utf-8", "replace")
+        self.file.close()
+
+    def gist(self) -> str:
+        lines = [l.strip() for l in self.text.splitlines() if l.strip()]
+        errors = [l for l in lines if "error" in l.lower()]
+        return (errors or lines or ["no message"])[0][:200]
+
+
 class Capture:
     def __init__(self, functions: Sequence[Function], libraries: Sequence[Library],
                  pids: Optional[Sequence[int]] = None, perf_pages: int = PERF_PAGES):
         self.functions = functions
         self.libraries = libraries
-        self.pids = list(pids) if pids else None
+        self.pids = list(pids) if pids is not None else None
         self.perf_pages = perf_pages
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
@@ -38,11 +67,17 @@ class Capture:
             raise SpyError("the bcc Python module is missing",
                            "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
         source = codegen.program_source(self.functions)
-        try:
-            bpf = BPF(text=source, cflags=codegen.cflags(self.pids is not None))
-        except Exception as e:  # bcc raises a bare Exception
-            raise SpyError("cannot load the BPF program (%s)" % str(e).strip().splitlines()[-1],
-                           "run as root, with CAP_BPF and CAP_PERFMON")
+        cflags = codegen.cflags(self.pids is not None)
+        # bcc and clang print on our stdout and stderr (stdout carries the
+        # trace): keep what they say aside, and only its gist on error.
+        with _CapturedOutput() as said:
+            try:
+                bpf = BPF(text=source, cflags=cflags)
+            except Exception:  # bcc raises a bare Exception
+                bpf = None
+        if bpf is None:
+            raise SpyError("cannot compile or load the BPF program (%s)" % said.gist(),
+                           "check the kernel headers (BCC_KERNEL_SOURCE) and the bcc install")
         self._bpf = bpf
         if self.pids is not None:
             table = bpf["traced_pids"]
@@ -66,6 +101,13 @@ class Capture:
             on_lost(count)
 
         bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages, lost_cb=lost)
+
+    def untrace_pid(self, pid: int) -> None:
+        table = self._bpf["traced_pids"]
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            pass
 
     def _attach(self, bpf, lib: Library) -> None:
         exported = exported_functions(lib.path)

@@ -10,20 +10,48 @@ from .errors import EXIT_USAGE, SpyError
 PROG = "pcsc-ebpf-spy"
 
 
+def _summary_format(ctx, param, value):
+    from tabulate import tabulate_formats
+    if value not in tabulate_formats:
+        raise click.BadParameter("%r is not a tabulate format (one of: %s)"
+                                 % (value, ", ".join(sorted(tabulate_formats))))
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--pid", "pids", type=int, multiple=True, metavar="PID",
               help="Trace only this process (repeatable). Default: every process.")
 @click.option("--lib", "libs", metavar="PATH", multiple=True,
               help="Probe this library (repeatable) instead of the system's libpcsclite.so.1.")
 @click.option("-n", "--nocolor", is_flag=True, help="No colours (default when stdout is not a terminal).")
-@click.option("-d", "--diffable", is_flag=True, help="Mask handles and times, for diffs.")
+@click.option("-d", "--diffable", is_flag=True, help="Mask handles, ids and times, for diffs.")
 @click.option("-t", "--thread", "show_thread", is_flag=True, help="Prefix lines with the thread number.")
+@click.option("-w", "--write", metavar="FILE", help="Record every call, losslessly, to FILE (JSON Lines, mode 0600).")
+@click.option("-r", "--read", metavar="FILE",
+              help="Render FILE (a -w recording or a libpcscspy log) instead of tracing.")
+@click.option("-q", "--quiet", is_flag=True, help="No live trace (with -w, --expect).")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout instead of text.")
+@click.option("--expect", metavar="GOLDEN",
+              help="Compare the trace (as -n -d shows it) with GOLDEN: exit 1 and a diff if it differs.")
+@click.option("--summary", is_flag=True, help="Latency tables per process, thread and function.")
+@click.option("--summary-format", default="simple", show_default=True, metavar="FORMAT",
+              callback=_summary_format, help="Any tabulate format for --summary (e.g. github).")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
-def command(pids, libs, nocolor, diffable, show_thread):
-    """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does."""
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
+def command(pids, libs, nocolor, diffable, show_thread, write, read, quiet, as_json, expect,
+            summary, summary_format, command):
+    """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does.
+
+    With -- COMMAND, run COMMAND traced (with its children, nothing else) and
+    exit with its exit status."""
     from .session import Options, run
-    opts = Options(pids=pids, libs=libs, color=not nocolor and sys.stdout.isatty(),
-                   diffable=diffable, show_thread=show_thread)
+    if read and (pids or libs or command or write):
+        raise click.UsageError("-r renders a file: it takes no -p, --lib, -w or COMMAND")
+    opts = Options(pids=pids, libs=libs, command=command,
+                   color=not nocolor and not as_json and sys.stdout.isatty(),
+                   diffable=diffable, show_thread=show_thread, quiet=quiet, json=as_json,
+                   write=write, read=read, expect=expect, summary=summary,
+                   summary_format=summary_format)
     return run(opts)
 
 

@@ -89,5 +89,7 @@ def program_source(functions: Sequence[Function]) -> str:
 def cflags(filter_pids: bool) -> list:
     flags = ["-I%s" % BPF_DIR]
     if filter_pids:
+        from .btf import member_offsets
         flags.append("-DPCSC_FILTER_PIDS")
+        flags.append("-DPCSC_TASK_TGID_OFFSET=%d" % member_offsets("task_struct", ["tgid"])["tgid"])
     return flags

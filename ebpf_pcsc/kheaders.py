@@ -59,8 +59,12 @@ def _merged_view(common: Path, arch_tree: Path) -> Path:
 def ensure(warn) -> Optional[str]:
     """Make sure bcc will find kernel headers; returns BCC_KERNEL_SOURCE if
     we had to set it.  `warn` gets the one-line warning."""
-    if os.environ.get("BCC_KERNEL_SOURCE"):
-        return os.environ["BCC_KERNEL_SOURCE"]
+    given = os.environ.get("BCC_KERNEL_SOURCE")
+    if given:
+        if not (Path(given) / "include" / "linux" / "kconfig.h").is_file():
+            raise SpyError("BCC_KERNEL_SOURCE=%s holds no kernel headers" % given,
+                           "unset it, or point it at a linux-headers tree")
+        return given
     release = platform.release()
     if (Path("/lib/modules") / release / "build" / "include").is_dir() \
             and "PCSC_EBPF_SPY_KERNEL_SRC" not in os.environ:

@@ -476,8 +476,14 @@ class TextSink:
                 indent += " (t%d) " % number
             th = self._threads[key] = _Thread(indent, Format(self.diffable))
             if self.stats.several_processes:
-                self._print("%s[pid %d tid %d %s]" % (indent, call.pid, call.tid, call.comm))
+                self._print("%s[%s]" % (indent, self._who(call.pid, call.tid, call.comm)))
         return th
+
+    def _who(self, pid: int, tid: int, comm: str) -> str:
+        """A thread of a process; `-d` masks the ids, which change from run to run."""
+        if self.diffable:
+            return "pid ? tid ? %s" % comm
+        return "pid %d tid %d %s" % (pid, tid, comm)
 
     # -- summary --
     def summary(self) -> None:
@@ -487,7 +493,7 @@ class TextSink:
             self._print("")
             header = "Thread %d/%d" % (n, len(stats.threads))
             if stats.several_processes:
-                header += " (pid %d tid %d %s)" % (th.pid, th.tid, th.comm)
+                header += " (%s)" % self._who(th.pid, th.tid, th.comm)
             self._print(header)
             self._print("Results sorted by total execution time")
             self._print("total time: %f sec" % total)

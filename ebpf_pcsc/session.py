@@ -1,12 +1,16 @@
-"""One tracing session: targets -> capture -> decoding -> renderers, until a
-signal ends it; then the summary.  No click here: the CLI hands over."""
+"""A session: where the calls come from (a live capture, or a file), where
+they go (pcsc-spy text, JSON Lines, a recording, a golden comparison, tables),
+and how it ends.  No click here: the CLI parses and hands over."""
+import io
+import os
 import signal
+import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from . import kheaders, targets
+from . import kheaders, record, targets
 from .calls import Assembler, Call
 from .capture import Capture
 from .errors import SpyError
@@ -14,25 +18,42 @@ from .functions import FUNCTIONS
 from .pcsc_text import TextSink
 from .stats import Stats
 
+EXIT_OK = 0
+EXIT_DIFFERENT = 1     # --expect: the trace differs from the golden one
+
 
 @dataclass
 class Options:
     pids: Sequence[int] = ()
     libs: Sequence[str] = ()
+    command: Sequence[str] = ()
     color: bool = False
     diffable: bool = False
     show_thread: bool = False
     result_dialect: str = "1.9"
+    quiet: bool = False              # no live text
+    json: bool = False               # JSON Lines on stdout instead of text
+    write: Optional[str] = None      # -w: recording
+    read: Optional[str] = None       # -r: render a file instead of tracing
+    expect: Optional[str] = None     # golden trace (-n -d text)
+    summary: bool = False            # tables after pcsc-spy's summary
+    summary_format: str = "simple"
     perf_pages: Optional[int] = None
 
 
-class _Fanout:
-    """Sink for the Assembler: stats first (renderers read them), then each
-    renderer."""
+def warn(message: str) -> None:
+    sys.stderr.write("pcsc-ebpf-spy: %s\n" % message)
+    sys.stderr.flush()
 
-    def __init__(self, stats: Stats, sinks: list):
+
+class _Fanout:
+    """The one sink the calls go to: stats first (renderers read them), then
+    each output."""
+
+    def __init__(self, stats: Stats, sinks: list, live: bool):
         self.stats = stats
         self.sinks = sinks
+        self.live = live
 
     def enter(self, call: Call) -> None:
         self.stats.enter(call)
@@ -48,26 +69,69 @@ class _Fanout:
         self.stats.abort(call)
         for s in self.sinks:
             s.abort(call)
-        warn("%s: pid %d tid %d (%s) ended inside the call"
-             % (call.name, call.pid, call.tid, call.comm))
+        if self.live:
+            warn("%s: pid %d tid %d (%s) ended inside the call"
+                 % (call.name, call.pid, call.tid, call.comm))
+
+    def unfinished(self, call: Call) -> None:
+        for s in self.sinks:
+            if hasattr(s, "unfinished"):
+                s.unfinished(call)
 
 
-def warn(message: str) -> None:
-    sys.stderr.write("pcsc-ebpf-spy: %s\n" % message)
-    sys.stderr.flush()
+class _Outputs:
+    """Builds the sinks the options ask for, and finishes them."""
 
+    def __init__(self, opts: Options, out, libraries: List[str], live: bool):
+        self.opts = opts
+        self.out = out
+        self.stats = Stats()
+        self.text = None
+        self.golden = None
+        self.files = []
+        sinks = []
+        if opts.json:
+            writer = record.JsonWriter(out)
+            writer.write(record.header(libraries))
+            sinks.append(writer)
+        elif not opts.quiet:
+            self.text = TextSink(self.stats, out=out, color=opts.color, diffable=opts.diffable,
+                                 show_thread=opts.show_thread,
+                                 result_dialect=opts.result_dialect)
+            sinks.append(self.text)
+        if opts.write:
+            f = record.open_private(opts.write)
+            self.files.append(f)
+            writer = record.JsonWriter(f)
+            writer.write(record.header(libraries))
+            sinks.append(writer)
+        if opts.expect:
+            from .golden import load
+            self.expected = load(opts.expect)
+            # The comparison is on the -n -d text, whatever is shown live.
+            self.golden = io.StringIO()
+            sinks.append(TextSink(self.stats, out=self.golden, diffable=True,
+                                  result_dialect=opts.result_dialect))
+        self.sink = _Fanout(self.stats, sinks, live)
 
-def choose_libraries(opts: Options) -> List[targets.Library]:
-    if opts.libs:
-        return [targets.for_path(path) for path in opts.libs]
-    if opts.pids:
-        libs = targets.for_pids(opts.pids)
-        for lib in libs:
-            if not lib.loaded:
-                warn("process %d has not loaded libpcsclite yet: tracing it once it loads %s"
-                     % (lib.pid, lib.shown))
-        return libs
-    return [targets.system_wide()]
+    def finish(self) -> int:
+        """Summaries, the golden comparison; the exit status it implies."""
+        status = EXIT_OK
+        if self.text is not None:
+            self.text.summary()
+            if self.opts.summary:
+                from .tables import summary_tables
+                self.out.write(summary_tables(self.stats, self.opts.summary_format))
+        if self.golden is not None:
+            from .golden import compare
+            same, diff = compare(self.opts.expect, self.expected, self.golden.getvalue())
+            if not same:
+                self.out.write(diff)
+                status = EXIT_DIFFERENT
+        self.out.flush()
+        for f in self.files:
+            f.close()
+        return status
 
 
 # Capability bits (linux/capability.h).
@@ -84,6 +148,21 @@ def check_privileges() -> None:
                    "run as root (sudo pcsc-ebpf-spy ...) or grant CAP_BPF and CAP_PERFMON")
 
 
+def choose_libraries(opts: Options) -> List[targets.Library]:
+    if opts.libs:
+        return [targets.for_path(path) for path in opts.libs]
+    if opts.pids:
+        libs = targets.for_pids(opts.pids)
+        for lib in libs:
+            if not lib.loaded:
+                warn("process %d has not loaded libpcsclite yet: tracing it once it loads %s"
+                     % (lib.pid, lib.shown))
+        if opts.command:
+            libs.append(targets.system_wide())
+        return libs
+    return [targets.system_wide()]
+
+
 class _Stop:
     """SIGINT and SIGTERM end the session (after the summary).  The handlers
     are installed explicitly: a shell starts background jobs with SIGINT
@@ -91,10 +170,12 @@ class _Stop:
 
     def __init__(self):
         self.event = threading.Event()
+        self.signals = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        self.signals.append(signum)
         self.event.set()
 
     @property
@@ -104,43 +185,88 @@ class _Stop:
 
 def run(opts: Options, out=None) -> int:
     out = out if out is not None else sys.stdout
+    if opts.read:
+        return replay(opts, out)
+    return trace(opts, out)
+
+
+def trace(opts: Options, out) -> int:
     stop = _Stop()
     check_privileges()
     libraries = choose_libraries(opts)
     kheaders.ensure(warn)
-    stats = Stats()
-    text = TextSink(stats, out=out, color=opts.color, diffable=opts.diffable,
-                    show_thread=opts.show_thread, result_dialect=opts.result_dialect)
-    assembler = Assembler(FUNCTIONS, _Fanout(stats, [text]))
-    capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) or None,
+    filtered = bool(opts.pids or opts.command)
+    capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) if filtered else None,
                       **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
+    lost_total = [0]
 
     def on_lost(count: int) -> None:
-        stats.lost += count
+        lost_total[0] += count
         warn("%d events lost (the perf buffer was full): calls are missing" % count)
 
+    if opts.command:
+        # Our own pid is traced while COMMAND is forked: the kernel then adds
+        # the child (and its descendants) before it runs a single instruction.
+        capture.pids = list(capture.pids or []) + [os.getpid()]
     capture.start(on_lost)
     try:
+        outputs = _Outputs(opts, out, [lib.shown for libs in capture.attached for lib in libs[:1]],
+                           live=True)
+        assembler = Assembler(FUNCTIONS, outputs.sink)
         where = ", ".join(_describe(libs) for libs in capture.attached)
-        warn_line = "Tracing %d PC/SC functions in %s... Hit Ctrl-C to end." % (
-            capture.probe_count, where)
-        sys.stderr.write(warn_line + "\n")
+        sys.stderr.write("Tracing %d PC/SC functions in %s... Hit Ctrl-C to end.\n"
+                         % (capture.probe_count, where))
         sys.stderr.flush()
-        while not stop.requested:
+        child = _spawn(opts.command, capture) if opts.command else None
+        forwarded = False
+        while True:
+            if child is not None and child.poll() is not None:
+                break
+            if stop.requested:
+                if child is None or forwarded:
+                    break
+                # COMMAND decides when it ends: pass the signal on, once.
+                _forward(child, stop.signals[-1])
+                forwarded = True
+                stop.event.clear()
             # Flush after each batch, not each line: a blocked call's first
             # lines show at once, and a burst still costs one write.
             if _drain(capture, assembler, 100):
                 out.flush()
-        # Events submitted before the signal may still be in the buffer.
-        _drain(capture, assembler, 0)
+        # Events submitted before the end may still be in the buffers.
+        while _drain(capture, assembler, 0):
+            pass
+        outputs.stats.lost = lost_total[0]
         for call in assembler.pending():
             warn("%s of pid %d tid %d had not returned when tracing ended"
                  % (call.name, call.pid, call.tid))
-        text.summary()
-        out.flush()
+            outputs.sink.unfinished(call)
+        status = outputs.finish()
     finally:
         capture.close()
-    return 0
+    if child is not None:
+        code = child.wait()
+        code = 128 - code if code < 0 else code   # killed by signal N: 128 + N
+        return code or status
+    return status
+
+
+def _spawn(command: Sequence[str], capture: Capture):
+    try:
+        child = subprocess.Popen(list(command))
+    except OSError as e:
+        raise SpyError("cannot run %s (%s)" % (command[0], e.strerror),
+                       "check the command after --")
+    finally:
+        capture.untrace_pid(os.getpid())
+    return child
+
+
+def _forward(child, signum: int) -> None:
+    try:
+        child.send_signal(signum)
+    except ProcessLookupError:
+        pass
 
 
 def _describe(libs: List[targets.Library]) -> str:
@@ -158,3 +284,15 @@ def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> int:
     if batch:
         assembler.expire()
     return len(batch)
+
+
+def replay(opts: Options, out) -> int:
+    """Render a recording (or a libpcscspy log) as it was shown live."""
+    from . import replay as rp
+    calls, error, libraries = rp.load(opts.read)
+    outputs = _Outputs(opts, out, libraries, live=False)
+    rp.feed(calls, outputs.sink)
+    status = outputs.finish()
+    if error is not None:
+        raise error
+    return status

@@ -18,6 +18,7 @@ or render it without a call that pcsc-spy 1.9.9's reader cannot parse
     run = record(stack, [client, "all"])     # the application under libpcscspy
     text = render(run.raw).stdout            # pcsc-spy -n -d on its raw log
     calls, summary = split_summary(text)
+    text = spy_text(stack, [client, "all"])  # the same in one step
 
 Applications that dlopen() libpcsclite (Python ctypes, OpenSC) never call
 the preloaded wrappers: LD_PRELOAD does not reach them.  pcsc-lite's
@@ -34,6 +35,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,29 +101,42 @@ def record(stack, argv: Sequence[str], redirect: bool = False, env: Optional[dic
             app = subprocess.run(list(argv), env=run_env, capture_output=True, text=True,
                                  timeout=timeout, stdin=subprocess.DEVNULL)
         finally:
-            _release_reader(fifo)
-            try:
-                reader.wait(10)
-            except subprocess.TimeoutExpired:
-                reader.kill()
-                reader.wait()
+            _stop_reader(reader, fifo)
         raw = log.read_text(encoding="utf-8", errors="surrogateescape")
         return Recorded(list(argv), app.returncode, app.stdout, app.stderr, raw)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _release_reader(fifo: Path) -> None:
-    """libpcscspy opens the FIFO at the application's first SCard* call; an
+def _stop_reader(reader: subprocess.Popen, fifo: Path, timeout: float = 10) -> None:
+    """Wait for `cat` to reach the end of the log (the application, the only
+    writer, has exited).
+
+    libpcscspy opens the FIFO at the application's first SCard* call; an
     application that never makes one (or whose calls never reach the spy)
-    leaves `cat` waiting for a writer.  Opening the FIFO for writing, without
-    blocking, and closing it gives cat its end of file; when cat already has
-    it (and has closed the FIFO), the open fails with ENXIO: nothing to do."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return
-    os.close(fd)
+    leaves cat waiting for a writer.  Opening the FIFO for writing, without
+    blocking, and closing it gives cat its end of file.  The open fails with
+    ENXIO while no reader has the FIFO open: cat has not opened it yet, or has
+    already closed it; hence the retries until cat exits."""
+    deadline = time.monotonic() + timeout
+    while reader.poll() is None and time.monotonic() < deadline:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        try:
+            reader.wait(0.05)
+        except subprocess.TimeoutExpired:
+            pass
+    if reader.poll() is None:
+        reader.kill()
+        reader.wait()
+        raise RuntimeError("the reader of %s did not finish" % fifo)
+
+
+def spy_text(stack, argv: Sequence[str], redirect: bool = False) -> str:
+    """The text pcsc-spy -n -d prints for argv run against `stack`."""
+    return render(record(stack, argv, redirect=redirect).raw).stdout
 
 
 def render(raw: str, *options: str, timeout: float = 120) -> Rendered:

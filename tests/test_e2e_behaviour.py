@@ -1,7 +1,12 @@
 """How the tracer behaves, end to end: byte-exact extended APDUs, a NULL
 pioRecvPci, a blocked call shown as soon as it starts, a process killed
 inside a call, the signals that end a session, what goes to stdout and
-stderr, colours on a terminal, thread prefixes and indentation."""
+stderr, colours on a terminal, thread prefixes and indentation.
+
+System-wide traces may also hold the calls of PC/SC applications that are
+not ours (another test run on the machine): the checks pick our processes'
+calls by pid, and the tests about the exact text trace with -p.
+"""
 import os
 import pty
 import re
@@ -35,7 +40,7 @@ class TracedCall:
     rv: Optional[str] = None  # "0x...", None while the call has not returned
 
     def buffer(self, label: str) -> bytes:
-        """The bytes of a hexdumped buffer (" i bSendBuffer" and the lines after)."""
+        """The bytes of a hexdumped buffer (label: " i bSendBuffer", ...)."""
         start = self.lines.index(label) + 1
         data = bytearray()
         for line in self.lines[start:]:
@@ -48,20 +53,33 @@ class TracedCall:
 
 
 @dataclass
+class Thread:
+    number: int               # 0-based, as in the indentation
+    pid: Optional[int]        # None: one process only, the headers do not name it
+    tid: Optional[int]
+    comm: Optional[str]
+
+
+@dataclass
 class Trace:
     calls: List[TracedCall]
-    labels: Dict[int, tuple]
-    headers: List[tuple]          # summary: (n, N, pid, tid, comm), n 1-based
+    labels: Dict[int, tuple]      # thread number -> (pid, tid, comm) of its label line
+    threads: List[Thread]         # the summary's thread sections, in order
 
-    def calls_of_pid(self, pid):
-        threads = {int(h[0]) - 1 for h in self.headers if h[2] and int(h[2]) == pid}
-        return [c for c in self.calls if c.thread in threads]
+    def threads_of(self, pid) -> List[Thread]:
+        """The threads of process pid (all of them when only one process was traced)."""
+        return [th for th in self.threads if th.pid in (pid, None)]
+
+    def calls_of(self, pid) -> List[TracedCall]:
+        numbers = {th.number for th in self.threads_of(pid)}
+        return [c for c in self.calls if c.thread in numbers]
 
 
 def parse_trace(text: str) -> Trace:
     """The calls of a trace (in the order they started), grouped by thread
     through their indentation (4 spaces per thread), the `[pid tid comm]`
-    label lines and the summary's thread headers."""
+    label lines and the summary's thread sections (absent while the tracer
+    runs)."""
     body, sep, summary = text.partition("\nThread 1/")
     calls, labels, running = [], {}, {}
     for line in body.splitlines():
@@ -80,13 +98,16 @@ def parse_trace(text: str) -> Trace:
         elif LABEL.match(rest):
             pid, tid, comm = LABEL.match(rest).groups()
             labels[thread] = (int(pid), int(tid), comm)
-        elif rest.startswith(" => "):
+        elif rest.startswith(" => ") and thread in running:
             running[thread].result = rest
             running[thread].rv = RV.search(rest).group(1)
-        elif rest[:3] in (" i ", " o "):
+        elif rest[:3] in (" i ", " o ") and thread in running:
             running[thread].lines.append(rest)
-    headers = HEADER.findall("Thread 1/" + summary) if sep else []
-    return Trace(calls, labels, headers)
+    threads = []
+    for n, total, pid, tid, comm in (HEADER.findall("Thread 1/" + summary) if sep else []):
+        threads.append(Thread(int(n) - 1, int(pid) if pid else None,
+                              int(tid) if tid else None, comm or None))
+    return Trace(calls, labels, threads)
 
 
 def calls_of_client(stdout: str):
@@ -105,6 +126,69 @@ def wait_for(predicate, what, timeout=30.0):
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for " + what)
         time.sleep(0.02)
+
+
+# -- processes ------------------------------------------------------------------
+
+@pytest.fixture
+def procs():
+    """Processes a test starts; any still running at the end is killed."""
+    started = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def spawn(stack, procs):
+    """spawn(argv, stdin=False): start argv on the private stack, output piped."""
+    def start(argv, stdin=False):
+        p = subprocess.Popen([str(a) for a in argv], env=stack.env,
+                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+    return start
+
+
+def finish(p, input=None):
+    """Wait for p (after giving it input); its stdout; it must succeed."""
+    out, err = p.communicate(input, timeout=60)
+    assert p.returncode == 0, err
+    return out
+
+
+# `sh -c EXEC_LATER sh CMD...` waits for a line on stdin, then execs CMD: a pid
+# to give -p before CMD (any client scenario) makes a call.
+EXEC_LATER = 'read line; exec "$@"'
+
+
+def held(spawn, *argv):
+    return spawn(["sh", "-c", EXEC_LATER, "sh", *argv], stdin=True)
+
+
+def traced_alone(spawn, tracer, client_bin, scenario, *tracer_args):
+    """Run one client scenario traced with -p (nothing else in the trace):
+    (tracer Result, client stdout)."""
+    p = held(spawn, client_bin, *scenario)
+    t = tracer(*tracer_args, "-p", p.pid)
+    out = finish(p, "\n")
+    res = t.stop()
+    assert res.returncode == 0, res.stderr
+    return res, out
+
+
+def traced(spawn, tracer, argv, *tracer_args):
+    """Run argv traced system-wide: (its calls, the whole Trace, its stdout, its pid)."""
+    t = tracer("-n", *tracer_args)
+    p = spawn(argv)
+    out = finish(p)
+    res = t.stop()
+    assert res.returncode == 0, res.stderr
+    trace = parse_trace(res.stdout)
+    return trace.calls_of(p.pid), trace, out, p.pid
 
 
 # -- a tracer whose stdout the test reads while it runs ----------------------------------
@@ -165,20 +249,52 @@ def live_tracer():
         t.kill()
 
 
-@pytest.fixture
-def procs():
-    """Processes a test starts; any still running at the end is killed."""
-    started = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+# -- data ---------------------------------------------------------------------------
+
+def test_extended_apdu_of_65k_is_byte_exact(spawn, tracer, client_bin):
+    calls, _, out, _ = traced(spawn, tracer, [client_bin, "extended65k"])
+    assert "echo ok" in out
+    assert names_and_rvs(calls) == calls_of_client(out)
+    (transmit,) = [c for c in calls if c.name == "SCardTransmit"]
+    data = bytes((i * 7) & 0xFF for i in range(65000))
+    command_apdu = bytes.fromhex("80 10 00 00 00 FD E8") + data
+    assert len(command_apdu) == 65007
+    assert " i bSendLength 0x0000FDEF (65007)" in transmit.lines
+    assert " o bRecvLength 0x0000FDEA (65002)" in transmit.lines
+    sent, received = transmit.buffer(" i bSendBuffer"), transmit.buffer(" o bRecvBuffer")
+    assert len(sent) == 65007 and len(received) == 65002
+    assert sent == command_apdu
+    assert received == data + b"\x90\x00"
 
 
-# A client whose second thread blocks in SCardGetStatusChange(INFINITE) until
-# the test writes a line on stdin (then SCardCancel).  It prints the blocked
-# thread's tid before the call.
+def test_extended_apdu_of_4k_in_the_tour_is_byte_exact(spawn, tracer, client_bin):
+    calls, _, out, _ = traced(spawn, tracer, [client_bin, "all"])
+    assert names_and_rvs(calls) == calls_of_client(out)
+    echo = [c for c in calls if c.name == "SCardTransmit"][2]
+    data = bytes(i & 0xFF for i in range(4096))
+    assert " i bSendLength 0x00001007 (4103)" in echo.lines
+    assert echo.buffer(" i bSendBuffer") == bytes.fromhex("80 10 00 00 00 10 00") + data
+    assert " o bRecvLength 0x00001002 (4098)" in echo.lines
+    assert echo.buffer(" o bRecvBuffer") == data + b"\x90\x00"
+
+
+def test_null_pioRecvPci(spawn, tracer, client_bin):
+    # finish() checks the traced application exits 0 (pcsc-spy 1.9.9 crashes it)
+    calls, _, out, _ = traced(spawn, tracer, [client_bin, "nullrecvpci"])
+    assert names_and_rvs(calls) == calls_of_client(out)
+    (transmit,) = [c for c in calls if c.name == "SCardTransmit"]
+    assert transmit.rv == "0x00000000"
+    assert " o pioRecvPci.dwProtocol: NULL" in transmit.lines
+    assert " o pioRecvPci.cbPciLength: NULL" in transmit.lines
+    assert transmit.buffer(" o bRecvBuffer")[-2:] == b"\x90\x00"
+
+
+# -- blocking calls -----------------------------------------------------------------------
+
+# A client whose second thread blocks in SCardGetStatusChange(INFINITE).  It
+# loads libpcsclite, prints "ready" and waits for a line on stdin; then makes
+# its calls up to the blocking one and prints the blocked thread's tid; on a
+# second line it calls SCardCancel.
 BLOCKER = r"""
 import ctypes, sys, threading
 sys.path.insert(0, sys.argv[1])
@@ -186,6 +302,8 @@ import pcsc_ctypes_client as pc
 
 pc.lib.SCardCancel.argtypes = [pc.SCARDCONTEXT]
 pc.lib.SCardCancel.restype = pc.LONG
+print("ready", flush=True)
+sys.stdin.readline()
 ctx = pc.Context()
 reader = ctx.list_readers()[0]
 state, _ = ctx.get_status(reader)
@@ -210,7 +328,7 @@ print("SCardCancel rv=0x%08X" % cancel)
 ctx.release()
 """
 
-# The blocked call's name and input lines (-d masks the context handle).
+# The blocked call's input lines (-d masks the context handle).
 BLOCKED_INPUT = [
     " i hContext: 0x????",
     " i dwTimeout: 0xFFFFFFFF (4294967295)",
@@ -223,14 +341,19 @@ BLOCKED_INPUT = [
 ]
 
 
-def start_blocker(stack, procs):
-    p = subprocess.Popen([PYTHON, "-c", BLOCKER, str(TESTS_DIR)], env=stack.env,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    procs.append(p)
-    line = p.stdout.readline()
-    assert line.startswith("tid "), p.stderr.read() if not line else line
-    return p, int(line.split()[1])
+def start_blocker(spawn):
+    p = spawn([PYTHON, "-c", BLOCKER, TESTS_DIR], stdin=True)
+    assert p.stdout.readline() == "ready\n"
+    return p
+
+
+def block(blocker):
+    """Let the blocker make its calls; the tid of its blocked thread."""
+    blocker.stdin.write("\n")
+    blocker.stdin.flush()
+    line = blocker.stdout.readline()
+    assert line.startswith("tid "), line + blocker.stderr.read()
+    return int(line.split()[1])
 
 
 def blocked_call(trace_text):
@@ -241,76 +364,23 @@ def blocked_call(trace_text):
     return None
 
 
-# -- data ---------------------------------------------------------------------------
-
-def test_extended_apdu_of_65k_is_byte_exact(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "extended65k"])
-    assert run.returncode == 0, run.stderr
-    assert "echo ok" in run.stdout
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    trace = parse_trace(res.stdout)
-    assert names_and_rvs(trace.calls) == calls_of_client(run.stdout)
-    (transmit,) = [c for c in trace.calls if c.name == "SCardTransmit"]
-    data = bytes((i * 7) & 0xFF for i in range(65000))
-    command_apdu = bytes.fromhex("80 10 00 00 00 FD E8") + data
-    assert len(command_apdu) == 65007
-    assert " i bSendLength 0x0000FDEF (65007)" in transmit.lines
-    assert transmit.buffer(" i bSendBuffer") == command_apdu
-    assert " o bRecvLength 0x0000FDEA (65002)" in transmit.lines
-    assert transmit.buffer(" o bRecvBuffer") == data + b"\x90\x00"
-
-
-def test_extended_apdu_of_4k_in_the_tour_is_byte_exact(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    trace = parse_trace(res.stdout)
-    assert names_and_rvs(trace.calls) == calls_of_client(run.stdout)
-    echo = [c for c in trace.calls if c.name == "SCardTransmit"][2]
-    data = bytes(i & 0xFF for i in range(4096))
-    assert " i bSendLength 0x00001007 (4103)" in echo.lines
-    assert echo.buffer(" i bSendBuffer") == bytes.fromhex("80 10 00 00 00 10 00") + data
-    assert " o bRecvLength 0x00001002 (4098)" in echo.lines
-    assert echo.buffer(" o bRecvBuffer") == data + b"\x90\x00"
-
-
-def test_null_pioRecvPci(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "nullrecvpci"])
-    assert run.returncode == 0, run.stderr  # the traced application is not disturbed
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    trace = parse_trace(res.stdout)
-    assert names_and_rvs(trace.calls) == calls_of_client(run.stdout)
-    (transmit,) = [c for c in trace.calls if c.name == "SCardTransmit"]
-    assert " o pioRecvPci.dwProtocol: NULL" in transmit.lines
-    assert " o pioRecvPci.cbPciLength: NULL" in transmit.lines
-    assert transmit.buffer(" o bRecvBuffer")[-2:] == b"\x90\x00"
-
-
-# -- blocking calls -----------------------------------------------------------------------
-
-def test_blocked_call_is_shown_when_it_starts(stack, live_tracer, procs, tmp_path):
+def test_blocked_call_is_shown_when_it_starts(spawn, live_tracer, tmp_path):
+    blocker = start_blocker(spawn)
     out = tmp_path / "trace"
     with open(out, "w") as f:
-        t = live_tracer("-n", "-d", stdout=f)
-    blocker, tid = start_blocker(stack, procs)
-    # stdout is a file here, not a terminal: the lines must still be written at once
+        t = live_tracer("-n", "-d", "-p", blocker.pid, stdout=f)
+    block(blocker)
+    # stdout is a file, not a terminal: still, the lines are written at once
     wait_for(lambda: blocked_call(out.read_text()) is not None,
-             "the blocked SCardGetStatusChange's input lines in the trace")
-    assert blocked_call(out.read_text()).rv is None  # still blocked
+             "the blocked SCardGetStatusChange and its input lines in the trace file")
+    assert blocked_call(out.read_text()).rv is None  # still blocked: no result yet
     assert blocker.poll() is None
-    bout, berr = blocker.communicate("\n", timeout=30)
-    assert blocker.returncode == 0, berr
-    assert calls_of_client(bout) == [("SCardGetStatusChange", "0x80100002"),
-                                     ("SCardCancel", "0x00000000")]
+    assert calls_of_client(finish(blocker, "\n")) == [("SCardGetStatusChange", "0x80100002"),
+                                                      ("SCardCancel", "0x00000000")]
     assert t.stop() == 0, t.stderr
-    trace = parse_trace(out.read_text())
-    call = blocked_call(out.read_text())
+    text = out.read_text()
+    trace = parse_trace(text)
+    call = blocked_call(text)
     assert call.thread == 1
     assert call.rv == "0x80100002" and "SCARD_E_CANCELLED" in call.result
     assert call.lines[len(BLOCKED_INPUT):][:3] == [
@@ -318,72 +388,70 @@ def test_blocked_call_is_shown_when_it_starts(stack, live_tracer, procs, tmp_pat
         " o  dwCurrentState: SCARD_STATE_PRESENT (0x00000020)",
         " o  dwEventState: SCARD_STATE_PRESENT (0x00010020)"]
     cancels = [c for c in trace.calls if c.name == "SCardCancel"]
-    assert names_and_rvs(cancels) == [("SCardCancel", "0x00000000")]
-    assert cancels[0].thread == 0
+    assert [(c.thread, c.rv) for c in cancels] == [(0, "0x00000000")]
     assert trace.calls.index(call) < trace.calls.index(cancels[0])
 
 
-def test_blocked_scenario_of_the_c_client(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "blocked"])
-    assert run.returncode == 0, run.stderr
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    trace = parse_trace(res.stdout)
-    assert sorted(names_and_rvs(trace.calls)) == sorted(calls_of_client(run.stdout))
-    (blocked,) = [c for c in trace.calls if c.thread == 1]
+def test_blocked_scenario_of_the_c_client(spawn, tracer, client_bin):
+    calls, trace, out, pid = traced(spawn, tracer, [client_bin, "blocked"])
+    assert sorted(names_and_rvs(calls)) == sorted(calls_of_client(out))
+    main, second = [th.number for th in trace.threads_of(pid)]
+    (blocked,) = [c for c in calls if c.thread == second]
     assert blocked.name == "SCardGetStatusChange"
     assert " i dwTimeout: 0xFFFFFFFF (4294967295)" in blocked.lines
     assert blocked.rv == "0x80100002" and "SCARD_E_CANCELLED" in blocked.result
-    main = [c.name for c in trace.calls if c.thread == 0]
-    assert main[-2:] == ["SCardCancel", "SCardReleaseContext"]
+    main_calls = [c for c in calls if c.thread == main]
+    assert names_and_rvs(main_calls[-2:]) == [("SCardCancel", "0x00000000"),
+                                              ("SCardReleaseContext", "0x00000000")]
     # the blocked call started before SCardCancel was called
-    assert trace.calls.index(blocked) < [c.name for c in trace.calls].index("SCardCancel")
+    assert calls.index(blocked) < calls.index(main_calls[-2])
 
 
-def test_process_killed_inside_a_call(stack, client_bin, live_tracer, procs, tmp_path):
+def test_process_killed_inside_a_call(spawn, client_bin, live_tracer, tmp_path):
+    blocker = start_blocker(spawn)
+    client = spawn([client_bin, "wait-then-run"], stdin=True)
+    assert client.stdout.readline() == "ready\n"
     out = tmp_path / "trace"
     with open(out, "w") as f:
-        t = live_tracer("-n", "-d", stdout=f)
-    blocker, tid = start_blocker(stack, procs)
+        t = live_tracer("-n", "-d", "-p", blocker.pid, "-p", client.pid, stdout=f)
+    tid = block(blocker)
     wait_for(lambda: blocked_call(out.read_text()) is not None,
              "the blocked SCardGetStatusChange in the trace")
     blocker.kill()
     blocker.wait()
     ended = re.compile(r"^pcsc-ebpf-spy: SCardGetStatusChange: pid %d tid %d \(.*\) "
                        r"ended inside the call$" % (blocker.pid, tid), re.M)
-    wait_for(lambda: ended.search(t.stderr), "the tracer to report the call ended")
+    wait_for(lambda: ended.search(t.stderr), "the tracer to say the call ended with its thread")
     # the tracer goes on: the next client is traced normally
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
+    client_out = finish(client, "\n")
     assert t.stop() == 0, t.stderr
     assert len(ended.findall(t.stderr)) == 1
     assert "had not returned" not in t.stderr
     trace = parse_trace(out.read_text())
-    killed = trace.calls_of_pid(blocker.pid)
-    # the blocker's calls: all returned but the one it died in, which has no result
-    assert [c.name for c in killed if c.rv is None] == ["SCardGetStatusChange"]
+    assert [th.pid for th in trace.threads] == [blocker.pid, blocker.pid, client.pid]
+    assert trace.threads[1].tid == tid
+    killed = trace.calls_of(blocker.pid)
+    assert [c.rv for c in killed][:4] == ["0x00000000"] * 4  # Establish, ListReaders x2, GSC
     (dead,) = [c for c in killed if c.rv is None]
-    assert dead.lines == BLOCKED_INPUT and dead.thread == 1
-    # after a process that died mid-call, the next one is complete
-    client_pid = int(trace.headers[-1][2])
-    assert client_pid != blocker.pid
-    assert names_and_rvs(trace.calls_of_pid(client_pid)) == calls_of_client(run.stdout)
+    assert dead.thread == 1 and dead.lines == BLOCKED_INPUT
+    assert names_and_rvs(trace.calls_of(client.pid)) == calls_of_client(client_out)
 
 
 # -- ending a session ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_ends_with_the_summary(stack, client_bin, tracer, sig):
-    t = tracer("-n")
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
+def test_signal_ends_with_the_summary(spawn, tracer, client_bin, sig):
+    p = held(spawn, client_bin, "all")
+    t = tracer("-n", "-p", p.pid)
+    out = finish(p, "\n")
     res = t.stop(sig)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
-    trace = parse_trace(res.stdout)
-    assert names_and_rvs(trace.calls) == calls_of_client(run.stdout)
-    assert "\nThread 1/1\nResults sorted by total execution time\ntotal time: " in res.stdout
+    assert names_and_rvs(parse_trace(res.stdout).calls) == calls_of_client(out)
+    summary = res.stdout.partition("\n\nThread 1/1\n")[2].splitlines()
+    assert summary[0] == "Results sorted by total execution time"
+    assert re.match(r"^total time: \d+\.\d{6} sec$", summary[1])
+    assert len(summary) == 2 + 18  # a line per function: `all` calls each of the 18
     assert re.search(r"^\d+\.\d{6} sec \(  3 calls\) +\d+\.\d\d% SCardTransmit$",
                      res.stdout, re.M)
 
@@ -399,7 +467,9 @@ for i in $(seq 1200); do
     kill -0 $spy 2>/dev/null || break
     sleep 0.05
 done
-"$CLIENT" all > "$DIR/client"
+"$CLIENT" all > "$DIR/client" & client=$!
+wait $client
+echo $client > "$DIR/client.pid"
 sleep 0.3
 kill -INT $spy
 wait $spy
@@ -411,28 +481,29 @@ def test_sigint_ends_a_tracer_started_in_the_background_of_a_script(stack, clien
     env = dict(stack.env, DIR=str(tmp_path), CLIENT=client_bin)
     subprocess.run(["bash", "-c", BACKGROUND, "bash", *command("-n")], cwd=ROOT, env=env,
                    timeout=180, check=True, stdin=subprocess.DEVNULL)
-    # the premise: a background job of a script starts with SIGINT ignored
+    # the premise: a script's background job starts with SIGINT ignored
     assert int((tmp_path / "sigign").read_text().split()[1], 16) & (1 << (signal.SIGINT - 1))
     err = (tmp_path / "err").read_text()
-    assert (tmp_path / "rc").read_text().strip() == "0", err
-    trace_text = (tmp_path / "trace").read_text()
-    trace = parse_trace(trace_text)
-    assert names_and_rvs(trace.calls) == calls_of_client((tmp_path / "client").read_text())
-    assert "\nThread 1/1\nResults sorted by total execution time\n" in trace_text
+    assert (tmp_path / "rc").read_text() == "0\n", err
+    assert "Traceback" not in err
+    text = (tmp_path / "trace").read_text()
+    trace = parse_trace(text)
+    client_pid = int((tmp_path / "client.pid").read_text())
+    assert names_and_rvs(trace.calls_of(client_pid)) == \
+        calls_of_client((tmp_path / "client").read_text())
+    assert re.search(r"^Thread 1/\d+.*\nResults sorted by total execution time\n", text, re.M)
 
 
-def test_stdout_carries_only_the_trace(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    assert "Tracing 18 PC/SC functions in " in res.stderr
+def test_stdout_carries_only_the_trace(spawn, tracer, client_bin):
+    res, out = traced_alone(spawn, tracer, client_bin, ["all"], "-n")
+    assert re.search(r"^Tracing 18 PC/SC functions in .*\.\.\. Hit Ctrl-C to end\.$",
+                     res.stderr, re.M)
     assert res.stdout.startswith("SCardEstablishContext\n i dwScope: ")
-    body, _, summary = res.stdout.partition("\n\nThread 1/1\n")
-    assert summary.startswith("Results sorted by total execution time\ntotal time: ")
+    body, sep, summary = res.stdout.partition("\n\nThread 1/1\n")
+    assert sep and summary.startswith("Results sorted by total execution time\ntotal time: ")
     for line in body.splitlines():  # calls only: names, arguments, results
         assert NAME.match(line) or line.startswith((" i ", " o ", " => ")), line
+    assert names_and_rvs(parse_trace(res.stdout).calls) == calls_of_client(out)
     assert "Tracing" not in res.stdout and "pcsc-ebpf-spy" not in res.stdout
 
 
@@ -441,8 +512,9 @@ def test_stdout_carries_only_the_trace(stack, client_bin, tracer):
 BLUE, GREEN, MAGENTA, RED, NORMAL = "\x1b[34m", "\x1b[32m", "\x1b[35m", "\x1b[01;31m", "\x1b[0m"
 
 
-def trace_on_a_terminal(stack, client_bin, live_tracer, *args):
-    """Run `all` traced with the tracer's stdout on a pty; what it wrote there."""
+def trace_on_a_terminal(spawn, live_tracer, client_bin, *args):
+    """Trace `all` (-p) with the tracer's stdout on a pty; what it wrote there."""
+    client = held(spawn, client_bin, "all")
     master, slave = pty.openpty()
     chunks = []
 
@@ -450,7 +522,7 @@ def trace_on_a_terminal(stack, client_bin, live_tracer, *args):
         while True:
             try:
                 data = os.read(master, 65536)
-            except OSError:  # EIO: the other side is closed
+            except OSError:  # EIO: the tracer is gone
                 return
             if not data:
                 return
@@ -459,89 +531,77 @@ def trace_on_a_terminal(stack, client_bin, live_tracer, *args):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        t = live_tracer(*args, stdout=slave)
+        t = live_tracer(*args, "-p", client.pid, stdout=slave)
     finally:
         os.close(slave)
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
+    out = finish(client, "\n")
     assert t.stop() == 0, t.stderr
     reader.join(30)
     os.close(master)
-    return b"".join(chunks).decode().replace("\r\n", "\n"), run
+    return b"".join(chunks).decode().replace("\r\n", "\n"), out
 
 
-def test_colours_on_a_terminal(stack, client_bin, live_tracer):
-    text, run = trace_on_a_terminal(stack, client_bin, live_tracer)
+def test_colours_on_a_terminal(spawn, live_tracer, client_bin):
+    text, out = trace_on_a_terminal(spawn, live_tracer, client_bin)
     lines = text.splitlines()
     assert lines[0] == BLUE + "SCardEstablishContext" + NORMAL
     assert lines[1] == GREEN + " i dwScope: SCARD_SCOPE_SYSTEM (0x00000002)" + NORMAL
     assert lines[2].startswith(MAGENTA + " o hContext: 0x") and lines[2].endswith(NORMAL)
-    assert lines[3].startswith(" => Command successful.")  # success: not coloured
-    failed = [l for l in lines if l.startswith(RED + " => ")]
-    # GetAttrib x2, SetAttrib, Control fail on vpcd (tests/clients/README.md)
+    assert re.match(r"^ => Command successful\. .* \[\d+\.\d{6}\]$", lines[3])  # not coloured
+    failed = [l for l in lines if l.startswith(RED)]
+    # GetAttrib x2, SetAttrib and Control fail on vpcd (tests/clients/README.md)
     assert len(failed) == 4, failed
-    assert all(re.match(re.escape(RED) + r" => .*\[0x8010001[6F]\]\) " + re.escape(NORMAL)
-                        + r" \[\d+\.\d{6}\]$", l) for l in failed), failed
-    # and the calls are the same
+    for line in failed:
+        assert re.match(re.escape(RED) + r" => .*\[0x8010001[6F]\]\) " + re.escape(NORMAL)
+                        + r" \[\d+\.\d{6}\]$", line), line
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    assert names_and_rvs(parse_trace(plain).calls) == calls_of_client(run.stdout)
+    assert names_and_rvs(parse_trace(plain).calls) == calls_of_client(out)
 
 
-def test_no_colours_with_n_on_a_terminal(stack, client_bin, live_tracer):
-    text, run = trace_on_a_terminal(stack, client_bin, live_tracer, "-n")
+def test_no_colours_with_n_on_a_terminal(spawn, live_tracer, client_bin):
+    text, out = trace_on_a_terminal(spawn, live_tracer, client_bin, "-n")
     assert "\x1b" not in text
-    assert names_and_rvs(parse_trace(text).calls) == calls_of_client(run.stdout)
+    assert names_and_rvs(parse_trace(text).calls) == calls_of_client(out)
 
 
-def test_no_colours_when_stdout_is_not_a_terminal(stack, client_bin, tracer):
-    t = tracer()
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
+def test_no_colours_when_stdout_is_not_a_terminal(spawn, tracer, client_bin):
+    res, out = traced_alone(spawn, tracer, client_bin, ["all"])  # no -n
     assert "\x1b" not in res.stdout
+    assert names_and_rvs(parse_trace(res.stdout).calls) == calls_of_client(out)
 
 
 WORKER = ["SCardEstablishContext", "SCardConnect"] + ["SCardTransmit"] * 3 + \
     ["SCardDisconnect", "SCardReleaseContext"]
 
 
-def threads_trace(stack, client_bin, tracer, *args):
-    t = tracer("-n", *args)
-    run = stack.run([client_bin, "threads", "2", "3"])
-    assert run.returncode == 0, run.stderr
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    return res.stdout, run
-
-
-def check_threads(text, run, prefix):
-    """Three threads (main + 2 workers), each line indented by 4 spaces per
-    thread number, then prefix(n)."""
-    trace = parse_trace(text)
-    assert [h[:2] for h in trace.headers] == [("1", "3"), ("2", "3"), ("3", "3")]
-    assert sorted(names_and_rvs(trace.calls)) == sorted(calls_of_client(run.stdout))
+def check_threads(res, out, prefix):
+    """`threads 2 3`: three threads (main + 2), every line indented by 4
+    spaces per thread number, then prefix(n)."""
+    trace = parse_trace(res.stdout)
+    assert [th.number for th in trace.threads] == [0, 1, 2]
+    assert re.search(r"\n\nThread 1/3\n(.*\n)+\nThread 2/3\n(.*\n)+\nThread 3/3\n", res.stdout)
+    assert sorted(names_and_rvs(trace.calls)) == sorted(calls_of_client(out))
     per_thread = {n: [c.name for c in trace.calls if c.thread == n] for n in range(3)}
     assert per_thread == {0: ["SCardEstablishContext", "SCardListReaders", "SCardReleaseContext"],
                           1: WORKER, 2: WORKER}
-    body = text.partition("\n\nThread 1/3\n")[0]
-    counts = {0: 0, 1: 0, 2: 0}
+    body = res.stdout.partition("\n\nThread 1/3\n")[0]
+    seen = set()
     for line in body.splitlines():
         n = (len(line) - len(line.lstrip(" "))) // 4
         head = " " * (4 * n) + prefix(n)
         assert line.startswith(head), line
         rest = line[len(head):]
         assert NAME.match(rest) or rest.startswith((" i ", " o ", " => ")), line
-        counts[n] += 1
-    assert all(counts.values())
+        seen.add(n)
+    assert seen == {0, 1, 2}
 
 
-def test_threads_indented_by_4_spaces_each(stack, client_bin, tracer):
-    text, run = threads_trace(stack, client_bin, tracer)
-    check_threads(text, run, lambda n: "")
+def test_threads_indented_by_4_spaces_each(spawn, tracer, client_bin):
+    res, out = traced_alone(spawn, tracer, client_bin, ["threads", 2, 3], "-n")
+    check_threads(res, out, lambda n: "")
 
 
-def test_t_prefixes_the_thread_number(stack, client_bin, tracer):
-    text, run = threads_trace(stack, client_bin, tracer, "-t")
-    assert text.startswith(" (t0) SCardEstablishContext\n (t0)  i dwScope: ")
-    check_threads(text, run, lambda n: " (t%d) " % n)
+def test_t_prefixes_the_thread_number(spawn, tracer, client_bin):
+    res, out = traced_alone(spawn, tracer, client_bin, ["threads", 2, 3], "-n", "-t")
+    assert res.stdout.startswith(" (t0) SCardEstablishContext\n (t0)  i dwScope: ")
+    check_threads(res, out, lambda n: " (t%d) " % n)

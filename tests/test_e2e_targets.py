@@ -293,7 +293,10 @@ def test_repeated_pid_traces_those_processes_only(spawn, client_bin, tracer):
     b = start_waiting_client(spawn, client_bin)
     c = start_waiting_client(spawn, client_bin)
     t = tracer("-n", "-p", a.pid, "-p", b.pid)
-    assert t.stderr_so_far.splitlines()[-1].startswith("Tracing 18 PC/SC functions in ")
+    tracing = t.stderr_so_far.splitlines()[-1]
+    assert tracing.startswith("Tracing 18 PC/SC functions in %s (pid " % REAL_LIB)
+    assert re.search(r"\(pid .*\b%d\b" % a.pid, tracing) and \
+        re.search(r"\(pid .*\b%d\b" % b.pid, tracing), tracing
     d = spawn([client_bin, "sleep", 1000])  # running while B calls
     (out_a,) = release(a)
     (out_b,) = release(b)
