@@ -3,11 +3,15 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+# Headers of the running kernel where the distribution has them (Ubuntu
+# runners), else the newest generic ones (Debian; see ebpf_pcsc/kheaders.py).
+KHEADERS := $(shell apt-cache show linux-headers-$$(uname -r) >/dev/null 2>&1 \
+	&& echo linux-headers-$$(uname -r) || echo linux-headers-$(ARCH))
 # bcc (python3-bpfcc) is Debian's; click, tabulate and pytest come from
 # Debian too, and the venv sees them (--system-site-packages).
 DEB_PACKAGES := python3-bpfcc python3-venv python3-setuptools python3-click python3-tabulate \
 	python3-pytest pcscd libpcsclite1 libpcsclite-dev vsmartcard-vpcd pcsc-tools opensc \
-	gcc libc6-dev make linux-headers-$(ARCH)
+	gcc libc6-dev make $(KHEADERS)
 
 .PHONY: setup packages venv test demo clean
 
