@@ -110,11 +110,16 @@ def _handle(c: Call, f: Format, name: str):
     return IN, f.masked(name + ": ", hexl(c.args[name]))
 
 
+LOST = b"\0lost"   # a buffer whose bytes were lost on the way (perf buffer full)
+
+
 def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Optional[bytes]:
     """The bytes to show for a buffer; None shows as NULL.  An output buffer
     is not read after a failed call (it holds stale memory, which pcsc-spy
     1.9.9 prints): it shows as NULL, unless nothing was returned in it."""
     if cap is not None:
+        if cap.data is None and cap.truncated and not (cap.is_null or cap.fault):
+            return LOST
         return cap.data
     if pointer and length == 0:
         return b""
@@ -123,7 +128,9 @@ def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Opti
 
 def _buffer(direction: str, label: str, data: Optional[bytes]):
     yield direction, label
-    if data is None:
+    if data is LOST:
+        yield direction, " (not captured: events were lost)"
+    elif data is None:
         yield direction, " NULL"
     else:
         for line in hexdump(data):
@@ -198,16 +205,23 @@ def _active_protocol(value: Optional[int]):
     return OUT, "dwActiveProtocol: %s (%s)" % (active_protocol(value), hexl(value))
 
 
+def _changing(header: str, value: str, f: Format) -> str:
+    """A value pcsc-spy's -d leaves visible although it changes from run to
+    run (a card handle, a heap address): masked too, but for NULL, which
+    does not change."""
+    if f.diffable and value.startswith("0x"):
+        return header + " 0x????"
+    return with_decimal(header, value)
+
+
 def connect(c: Call, f: Format):
     yield _handle(c, f, "hContext")
     yield IN, with_decimal("szReader", c_string(c.entry.text("szReader")))
     yield from _share_and_protocols(c)
-    yield IN, f.masked("phCard ", ptr_long(c.entry.word("phCard"))) if f.diffable else \
-        with_decimal("phCard", ptr_long(c.entry.word("phCard")))
+    yield IN, _changing("phCard", ptr_long(c.entry.word("phCard")), f)
     yield IN, with_decimal("pdwActiveProtocol", ptr_long(c.entry.word("pdwActiveProtocol")))
     yield AT_RETURN
-    yield OUT, f.masked("phCard ", ptr_long(c.exit.word("phCard"))) if f.diffable else \
-        with_decimal("phCard", ptr_long(c.exit.word("phCard")))
+    yield OUT, _changing("phCard", ptr_long(c.exit.word("phCard")), f)
     yield _active_protocol(c.exit.word("pdwActiveProtocol"))
 
 
@@ -244,7 +258,8 @@ def status(c: Call, f: Format):
     else:
         yield OUT, with_decimal("bAtrLen", hexl(atr_len))
         atr = _shown(out.data.get("pbAtr"), c.args["pbAtr"], atr_len)
-        yield OUT, with_decimal("bAtr", "NULL" if atr is None else hex_bytes(atr))
+        yield OUT, with_decimal("bAtr", "NULL" if atr is None else
+                                "(not captured: events were lost)" if atr is LOST else hex_bytes(atr))
 
 
 def get_status_change(c: Call, f: Format):
@@ -290,7 +305,7 @@ def control(c: Call, f: Format):
     recv = _shown(c.exit.data.get("pbRecvBuffer"), c.args["pbRecvBuffer"], length)
     yield from _buffer(OUT, "bRecvBuffer", recv)
     yield RESULT
-    if c.rv == K.SCARD_S_SUCCESS:
+    if c.rv == K.SCARD_S_SUCCESS and send is not LOST and recv is not LOST:
         yield from _parse_control(f, code, send or b"", recv or b"")
 
 
@@ -360,8 +375,7 @@ def list_readers(c: Call, f: Format):
 
 def free_memory(c: Call, f: Format):
     yield _handle(c, f, "hContext")
-    mem = pointer(c.args["pvMem"])
-    yield IN, "pvMem: 0x????" if f.diffable else with_decimal("pvMem:", mem)
+    yield IN, _changing("pvMem:", pointer(c.args["pvMem"]), f)
 
 
 def _attribute(c: Call):

@@ -499,10 +499,10 @@ SCardGetStatusChange
  => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
 SCardFreeMemory
  i hContext: 0x????
- i pvMem: 0x????
+ i pvMem: (nil)
  => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
 """
-    # without -d, FreeMemory(NULL) is printf's "%p" of NULL
+    # FreeMemory(NULL) is printf's "%p" of NULL; -d leaves a NULL visible
     free = blocks(render("nullargs"))[6].splitlines()
     assert free[2] == " i pvMem: (nil)"
 

@@ -29,12 +29,13 @@ def calls_of_client(stdout: str):
 
 
 def test_every_call_once_with_its_result(stack, client_bin, tracer):
-    t = tracer("-n")
-    run = stack.run([client_bin, "all"])
-    assert run.returncode == 0, run.stderr
+    # -p: other PC/SC clients on the machine stay out of this trace.
+    client = stack.popen_waiting([client_bin, "all"])
+    t = tracer("-n", "-p", client.pid)
+    out = client.release()
     res = t.stop()
     assert res.returncode == 0, res.stderr
     traced = calls_of(res.stdout)
-    assert traced == calls_of_client(run.stdout)
+    assert traced == calls_of_client(out)
     assert {name for name, _ in traced} == SPEC_18
     assert "\nThread 1/1\nResults sorted by total execution time\n" in res.stdout

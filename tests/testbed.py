@@ -158,6 +158,11 @@ class PcscStack:
         options.update(kwargs)
         return subprocess.run(argv, **options)
 
+    def popen_waiting(self, argv, env=None):
+        """Start argv held before exec: its pid is known (and can be traced
+        with -p) before it makes any call; release() lets it run."""
+        return HeldProcess(argv, env if env is not None else self.env)
+
     def client(self, *args, **kwargs):
         """Run tests/pcsc_ctypes_client.py with args (see its docstring) against this stack."""
         return self.run([PYTHON, str(CLIENT), *map(str, args)], **kwargs)
@@ -250,3 +255,24 @@ class PcscStack:
             return self.pcscd_log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+class HeldProcess:
+    """A process that waits, as a shell, for a line on stdin, then execs
+    argv (exec keeps the pid)."""
+
+    def __init__(self, argv, env):
+        self.proc = subprocess.Popen(["sh", "-c", 'read _ && exec "$@"', "sh", *map(str, argv)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_die_with_parent)
+        self.pid = self.proc.pid
+        self.returncode = None
+        self.stderr = ""
+
+    def release(self, stdin="", timeout=60):
+        """Let it run to its end; its stdout."""
+        out, self.stderr = self.proc.communicate("go\n" + stdin, timeout=timeout)
+        self.returncode = self.proc.returncode
+        assert self.returncode == 0, self.stderr
+        return out
