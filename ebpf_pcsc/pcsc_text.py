@@ -507,7 +507,8 @@ class TextSink:
             self._print("")
             header = "Thread %d/%d" % (n, len(stats.threads))
             if stats.several_processes:
-                header += " (%s)" % self._who(th.pid, th.tid, th.comm)
+                # Ids even with -d: the summary's timings are not diffable anyway.
+                header += " (pid %d tid %d %s)" % (th.pid, th.tid, th.comm)
             self._print(header)
             self._print("Results sorted by total execution time")
             self._print("total time: %f sec" % total)
