@@ -155,9 +155,9 @@ def parse_header(path: str, line: str) -> dict:
 class FormatError(SpyError):
     """A recording that is not one, truncated or corrupt."""
 
-    def __init__(self, path: str, line: int, what: str):
-        super().__init__("%s, line %d: %s" % (path, line, what),
-                         "the file is truncated or corrupt; the calls before it were shown")
+    def __init__(self, path: str, line: int, what: str,
+                 fix: str = "the file is truncated or corrupt; the calls before it were shown"):
+        super().__init__("%s, line %d: %s" % (path, line, what), fix)
 
 
 def read_calls(path: str, lines: Iterator[str], first_line: int = 1) -> Iterator[Call]:

@@ -1,57 +1,82 @@
-"""Replay: calls read from a file, fed to the outputs in the order a live
-trace showed them (each call starts at its entry time and ends at its return
-time; the outputs cannot tell the difference)."""
+"""Replay: calls read from a file, handed to the outputs in the order a live
+trace showed them, as (kind, call) events: "enter" when a call starts,
+"leave" when it returns, "abort" when its thread died inside it,
+"unfinished" for a call still running when the recording ended."""
 from typing import List, Optional, Tuple
 
 from . import record
 from .calls import Call
 from .errors import SpyError
 
+Event = Tuple[str, Call]
 
-def load(path: str) -> Tuple[List[Call], Optional[SpyError], List[str]]:
-    """The calls of a recording or of a libpcscspy log, the error that ended
+
+def load(path: str) -> Tuple[List[Event], Optional[SpyError], List[str]]:
+    """The events of a recording or of a libpcscspy log, the error that ended
     the reading early (None if none), and the traced libraries."""
     try:
         f = open(path, encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise SpyError("cannot read %s (%s)" % (path, e.strerror), "check the path")
-    calls: List[Call] = []
+    events: List[Event] = []
     libraries: List[str] = []
+    error = None
     with f:
         first = f.readline()
         try:
             if record.is_header(first):
                 libraries = record.parse_header(path, first).get("libraries", [])
-                calls.extend(record.read_calls(path, f, first_line=2))
+                calls: List[Call] = []
+                try:
+                    calls.extend(record.read_calls(path, f, first_line=2))
+                finally:
+                    events = in_time_order(calls)
             elif _spylog().looks_like(first):
                 spylog = _spylog()
-                calls.extend(spylog.read_calls(path, _chain(first, f)))
+                kinds = {spylog.ENTER: "enter", spylog.LEAVE: "leave",
+                         spylog.UNFINISHED: "unfinished"}
+                for kind, call in spylog.events(path, _chain(first, f)):
+                    events.append((kinds[kind], call))
             else:
-                raise record.FormatError(path, 1, "neither a pcsc-ebpf-spy recording nor a "
-                                         "libpcscspy log")
+                raise record.FormatError(
+                    path, 1, "neither a pcsc-ebpf-spy recording nor a libpcscspy log",
+                    fix="give a file written by pcsc-ebpf-spy -w, or a log captured from "
+                        "libpcscspy's ~/pcsc-spy FIFO")
         except record.FormatError as e:
-            return calls, e, libraries
-    return calls, None, libraries
+            error = e
+    return events, error, libraries
+
+
+def in_time_order(calls: List[Call]) -> List[Event]:
+    """A recording's calls as the live trace met them: each starts at its
+    entry time and ends at its return time."""
+    timed = []
+    for n, call in enumerate(calls):
+        timed.append((call.call_ts, 1, n, "enter", call))
+        if call.aborted:
+            timed.append((call.ret_ts or call.call_ts, 0, n, "abort", call))
+        elif call.rv is None:
+            timed.append((call.call_ts, 2, n, "unfinished", call))
+        else:
+            # At equal times a return comes first: a thread's next call
+            # starts after its previous one returned.
+            timed.append((call.ret_ts, 0, n, "leave", call))
+    timed.sort(key=lambda e: e[:3])
+    return [(kind, call) for _, _, _, kind, call in timed]
+
+
+def feed(events: List[Event], sink) -> None:
+    for kind, call in events:
+        handler = getattr(sink, kind, None)
+        if handler is not None:
+            handler(call)
 
 
 def _spylog():
-    from . import spylog
+    from . import spylog  # only for libpcscspy logs
     return spylog
 
 
-def _chain(first: str, rest):
+def _chain(first, rest):
     yield first
     yield from rest
-
-
-def feed(calls: List[Call], sink) -> None:
-    events = []
-    for n, call in enumerate(calls):
-        events.append((call.call_ts, 0, n, "enter", call))
-        if call.ret_ts is not None and call.rv is not None and not call.aborted:
-            events.append((call.ret_ts, 1, n, "leave", call))
-        elif call.aborted:
-            events.append((call.ret_ts or call.call_ts, 1, n, "abort", call))
-    events.sort(key=lambda e: e[:3])
-    for _, _, _, kind, call in events:
-        getattr(sink, kind)(call)

@@ -289,9 +289,9 @@ def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> int:
 def replay(opts: Options, out) -> int:
     """Render a recording (or a libpcscspy log) as it was shown live."""
     from . import replay as rp
-    calls, error, libraries = rp.load(opts.read)
+    events, error, libraries = rp.load(opts.read)
     outputs = _Outputs(opts, out, libraries, live=False)
-    rp.feed(calls, outputs.sink)
+    rp.feed(events, outputs.sink)
     status = outputs.finish()
     if error is not None:
         raise error

@@ -170,13 +170,14 @@ def _multistring(what_length: str, what: str):
         return None, None
     if line == "NULL":
         return length, Captured(None, L.PCSC_DATA_NULL, length)
-    parts = []
+    parts, done = [], 0
     while True:  # libpcscspy's do-while: one string at least
         if _RETURN.match(line):
             raise _Bad("%s: the return line comes before the strings reach their length %d"
                        % (what, length))
         parts.append(_raw(line))
-        if sum(len(p) + 1 for p in parts) >= length:
+        done += len(parts[-1]) + 1
+        if done >= length:
             break
         line = yield what
     return length, Captured(b"\0".join(parts) + b"\0", 0, length)
@@ -412,7 +413,7 @@ def _whole_call(parser: Callable, c: Call, out: Phase, logged_name: str):
     """The parser, then the return line: yields labels (and _INPUTS_DONE),
     returns (rv, ret_ts)."""
     yield from parser(c, out)
-    line = yield "the return line"
+    line = yield "return line"
     m = _RETURN.match(line)
     if not m:
         raise _Bad("expected %s's return line (<|sec|usec|%s|text|0xRV), got %s"
@@ -526,8 +527,8 @@ def events(path: str, lines: Iterable[str], first_line: int = 1) -> Iterator[Tup
     for number, line in enumerate(lines, first_line):
         if not line.endswith("\n"):
             partial = number
-            thread = line.partition("@")[0]
-            cut = int(thread, 16) if _THREAD.match(thread) else None
+            thread, at, _ = line.partition("@")
+            cut = int(thread, 16) if at and _THREAD.match(thread) else None
             break
         line = line[:-2] if line.endswith("\r\n") else line[:-1]
         try:
@@ -539,7 +540,10 @@ def events(path: str, lines: Iterable[str], first_line: int = 1) -> Iterator[Tup
         yield from log.ready()
     unfinished, errors = log.end(cut)
     if partial is not None:
-        errors.append((partial, "unfinished line (the log is truncated)"))
+        # The cause, whatever else it left open.
+        errors = [(partial, "unfinished line (the log is truncated)")]
+        if cut is None:   # whose line it was is not known
+            unfinished = []
     yield from log.ready(skip_blocked=True)
     for call in unfinished:
         yield UNFINISHED, call

@@ -65,7 +65,9 @@ class Stats:
         """From the first call's start to the last call's return."""
         if self.first_ts is None or self.last_ts is None:
             return 0.0
-        return (self.last_ts - self.first_ts) // 1000 / 1e6
+        # pcsc-spy subtracts two seconds.microseconds floats: do the same, to
+        # the last digit of its percentages.
+        return ThreadStats.seconds(self.last_ts) - ThreadStats.seconds(self.first_ts)
 
     @property
     def several_processes(self) -> bool:

@@ -10,6 +10,8 @@ threads first called:
 """
 import io
 
+import pytest
+
 from ebpf_pcsc.calls import Assembler, Call, Phase
 from ebpf_pcsc.functions import BY_NAME, FUNCTIONS
 from ebpf_pcsc.pcsc_text import TextSink
@@ -160,7 +162,9 @@ def test_total_time_first_start_to_last_return():
                   call("SCardReleaseContext", 1, 501_000, 1_000_000)])
     assert stats.first_ts == T0 + 1_000_000
     assert stats.last_ts == T0 + 502_000_000
-    assert stats.total_seconds == 0.501
+    # pcsc-spy's float arithmetic: the difference of two seconds.microseconds
+    assert stats.total_seconds == pytest.approx(0.501, abs=1e-9)
+    assert "%f" % stats.total_seconds == "0.501000"
 
 
 def test_recorded_threads_summary():
