@@ -125,7 +125,7 @@ def test_help(flag):
     res = run_tracer(flag)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
-    assert res.stdout.startswith("Usage: %s [OPTIONS]\n" % PROG)
+    assert res.stdout.startswith("Usage: %s [OPTIONS] [-- COMMAND [ARGS]...]\n" % PROG)
     for option in ("-p, --pid PID", "--lib PATH", "-n, --nocolor", "-d, --diffable",
                    "-t, --thread", "-h, --help"):
         assert option in res.stdout

@@ -208,8 +208,12 @@ def test_sigterm_to_the_tracer_goes_to_the_command(stack, client_bin, tracer, tm
 
 # -- a command that cannot run ------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [["/nonexistent/command", "arg"], ["no-such-command-pcsc-spy"]],
-                         ids=["path", "PATH lookup"])
-def test_command_not_found(stack, argv):
+@pytest.mark.parametrize("argv, why", [
+    (["/nonexistent/command", "arg"], "No such file or directory"),
+    (["no-such-command-pcsc-spy"], "No such file or directory"),
+    (["/etc/passwd"], "Permission denied"),
+], ids=["path", "PATH lookup", "not executable"])
+def test_command_that_cannot_run(stack, argv, why):
+    """One line on stderr, exit 2, like any bad input (tests/test_cli_errors.py)."""
     res = spy(stack, "-n", "--", *argv)
-    check_one_line_error(res, re.escape(argv[0]), r"No such file or directory")
+    check_one_line_error(res, re.escape(argv[0]), why, r"check the command after --")

@@ -331,18 +331,19 @@ def mask_connect_phcard(lines: List[str]) -> List[str]:
     for c in parse_calls(lines):
         if c.name == "SCardConnect":
             for i in c.lines:
-                out[i] = re.sub(r"^((?:    )*) ([io]) phCard (0x[0-9A-F]+ \(\d+\)|NULL)$",
+                out[i] = re.sub(r"^((?:    )*) ([io]) phCard (0x[0-9A-F]+ \(\d+\))$",
                                 r"\1 \2 phCard 0x????", out[i])
     return out
 
 
 def mask_free_memory_pvmem(lines: List[str]) -> List[str]:
-    """doc §5: -d masks SCardFreeMemory's pvMem; pcsc-spy's -d leaves it."""
+    """doc §5: -d masks SCardFreeMemory's pvMem (not a NULL one); pcsc-spy's
+    -d leaves it."""
     out = list(lines)
     for c in parse_calls(lines):
         if c.name == "SCardFreeMemory":
             for i in c.lines:
-                out[i] = re.sub(r"^((?:    )*) i pvMem: (0x[0-9a-f]+ \(\d+\)|\(nil\))$",
+                out[i] = re.sub(r"^((?:    )*) i pvMem: (0x[0-9a-f]+ \(\d+\))$",
                                 r"\1 i pvMem: 0x????", out[i])
     return out
 
