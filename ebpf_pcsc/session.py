@@ -193,6 +193,8 @@ def run(opts: Options, out=None) -> int:
 def trace(opts: Options, out) -> int:
     stop = _Stop()
     check_privileges()
+    if opts.command:
+        _check_command(opts.command[0])
     libraries = choose_libraries(opts)
     kheaders.ensure(warn)
     filtered = bool(opts.pids or opts.command)
@@ -249,6 +251,16 @@ def trace(opts: Options, out) -> int:
         code = 128 - code if code < 0 else code   # killed by signal N: 128 + N
         return code or status
     return status
+
+
+def _check_command(name: str) -> None:
+    """Before attaching anything: COMMAND must be something we can run."""
+    import shutil
+    found = shutil.which(name) if "/" not in name else (
+        name if os.path.isfile(name) and os.access(name, os.X_OK) else None)
+    if found is None:
+        what = "not found" if not os.path.exists(name) or "/" not in name else "not executable"
+        raise SpyError("cannot run %s (%s)" % (name, what), "check the command after --")
 
 
 def _spawn(command: Sequence[str], capture: Capture):
