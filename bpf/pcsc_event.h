@@ -32,6 +32,8 @@ enum pcsc_record_kind {
 	PCSC_REC_RETURN = 2,
 	PCSC_REC_DATA = 3,
 	PCSC_REC_ABORT = 4,       /* the thread ended inside the call */
+	PCSC_REC_LOADED = 5,      /* a process loaded libraries (struct pcsc_head only) */
+	PCSC_REC_EXEC = 6,        /* a process started a program (struct pcsc_head only) */
 };
 
 /* DATA record flags */

@@ -302,3 +302,35 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	return 0;
 }
 #endif
+
+#ifdef PCSC_DISCOVER
+/* Library discovery.  The dynamic loader calls _dl_debug_state() (the
+ * r_brk hook debuggers use) before and after it maps libraries, at program
+ * start and in dlopen(): user space then looks for new libpcsclite images in
+ * that process's maps.  A program start may bring a new loader (another root
+ * or container): user space probes that one too. */
+static __always_inline void notify(void *ctx, u16 kind)
+{
+	struct pcsc_head h = {};
+
+#ifdef PCSC_FILTER_PIDS
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	if (!traced_pids.lookup(&pid))
+		return;
+#endif
+	fill_head(&h, kind, 0);
+	events.perf_submit(ctx, &h, sizeof(h));
+}
+
+int pcsc_loaded(struct pt_regs *ctx)
+{
+	notify(ctx, PCSC_REC_LOADED);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+	notify(ctx, PCSC_REC_EXEC);
+	return 0;
+}
+#endif

@@ -161,6 +161,11 @@ class Assembler:
     def timestamp(raw: bytes) -> int:
         return _HEAD.unpack_from(raw)[0]
 
+    @staticmethod
+    def kind_and_pid(raw: bytes) -> Tuple[int, int]:
+        head = _HEAD.unpack_from(raw)
+        return head[4], head[2]
+
     def feed(self, raw: bytes) -> None:
         ts, call_ts, pid, tid, kind, func, comm = _HEAD.unpack_from(raw)
         key = (tid, call_ts)

@@ -48,7 +48,8 @@ class _CapturedOutput:
 
 class Capture:
     def __init__(self, functions: Sequence[Function], libraries: Sequence[Library],
-                 pids: Optional[Sequence[int]] = None, perf_pages: int = PERF_PAGES):
+                 pids: Optional[Sequence[int]] = None, perf_pages: int = PERF_PAGES,
+                 discover: bool = False):
         self.functions = functions
         self.libraries = libraries
         self.pids = list(pids) if pids is not None else None
@@ -56,6 +57,9 @@ class Capture:
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0
+        self.discover = discover
+        self._files = {}        # (dev, ino) -> the Library list attached to that file
+        self._loaders = set()   # (dev, ino) of dynamic loaders probed
         self._bpf = None
         self._batch: List[bytes] = []
 
@@ -67,7 +71,7 @@ class Capture:
             raise SpyError("the bcc Python module is missing",
                            "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
         source = codegen.program_source(self.functions)
-        cflags = codegen.cflags(self.pids is not None)
+        cflags = codegen.cflags(self.pids is not None, self.discover)
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:
@@ -83,18 +87,9 @@ class Capture:
             table = bpf["traced_pids"]
             for pid in self.pids:
                 table[table.Key(pid)] = table.Leaf(1)
-        # Probes go on a file (an inode): attach once per file, whoever maps it.
-        files = {}
         for lib in self.libraries:
-            try:
-                st = os.stat(lib.path)
-            except OSError as e:
-                raise SpyError("cannot open %s (%s)" % (lib.path, e.strerror),
-                               "check the path")
-            files.setdefault((st.st_dev, st.st_ino), []).append(lib)
-        for libs in files.values():
-            self._attach(bpf, libs[0])
-            self.attached.append(libs)
+            if not self.attach_library(lib, strict=True):
+                continue
 
         def lost(count):
             self.lost += count
@@ -108,6 +103,52 @@ class Capture:
             del table[table.Key(pid)]
         except KeyError:
             pass
+
+    @staticmethod
+    def file_id(path: str):
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+
+    def attach_library(self, lib: Library, strict: bool = False) -> bool:
+        """Probe lib's file unless it already is (probes go on a file, an
+        inode, whoever maps it).  True when this attached a new file."""
+        try:
+            key = self.file_id(lib.path)
+        except OSError as e:
+            if strict:
+                raise SpyError("cannot open %s (%s)" % (lib.path, e.strerror), "check the path")
+            return False
+        if key in self._files:
+            self._files[key].append(lib)
+            return False
+        try:
+            self._attach(self._bpf, lib)
+        except SpyError:
+            if strict:
+                raise
+            return False
+        except Exception:  # bcc: e.g. the process (whose root we read through) exited
+            if strict:
+                raise SpyError("cannot probe %s" % lib.shown, "check the path")
+            return False
+        self._files[key] = [lib]
+        self.attached.append(self._files[key])
+        return True
+
+    def attach_loader(self, path: str) -> bool:
+        """Probe a dynamic loader's library-load hook (discovery)."""
+        try:
+            key = self.file_id(path)
+        except OSError:
+            return False
+        if key in self._loaders:
+            return False
+        self._loaders.add(key)
+        try:
+            self._bpf.attach_uprobe(name=path, sym="_dl_debug_state", fn_name=codegen.LOADER_PROBE)
+        except Exception:
+            return False  # a loader without the hook (not glibc): not a discovery source
+        return True
 
     def _attach(self, bpf, lib: Library) -> None:
         exported = exported_functions(lib.path)

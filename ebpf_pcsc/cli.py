@@ -26,6 +26,8 @@ def _summary_format(ctx, param, value):
 @click.option("-n", "--nocolor", is_flag=True, help="No colours (default when stdout is not a terminal).")
 @click.option("-d", "--diffable", is_flag=True, help="Mask handles, ids and times, for diffs.")
 @click.option("-t", "--thread", "show_thread", is_flag=True, help="Prefix lines with the thread number.")
+@click.option("--spy-format", type=click.Choice(["1.9", "2.2"]), default="1.9", show_default=True,
+              help="Result lines as pcsc-spy 1.9-2.1 (text and code) or >= 2.2 (code only) prints them.")
 @click.option("-w", "--write", metavar="FILE", help="Record every call, losslessly, to FILE (JSON Lines, mode 0600).")
 @click.option("-r", "--read", metavar="FILE",
               help="Render FILE (a -w recording or a libpcscspy log) instead of tracing.")
@@ -36,10 +38,18 @@ def _summary_format(ctx, param, value):
 @click.option("--summary", is_flag=True, help="Latency tables per process, thread and function.")
 @click.option("--summary-format", default="simple", show_default=True, metavar="FORMAT",
               callback=_summary_format, help="Any tabulate format for --summary (e.g. github).")
+@click.option("--apdu", is_flag=True,
+              help="Decode APDUs (command, status word) and ATRs under the calls (lines ' # ').")
+@click.option("--redact", is_flag=True,
+              help="Mask PINs (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER, PIN-pad "
+                   "structures) in every output; lengths stay.")
+@click.option("--smartcard-list", metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="pcsc-tools' smartcard_list.txt naming the ATRs with --apdu "
+                   "[default: /usr/share/pcsc/smartcard_list.txt].")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
-def command(pids, libs, nocolor, diffable, show_thread, write, read, quiet, as_json, expect,
-            summary, summary_format, command):
+def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, read, quiet, as_json, expect,
+            summary, summary_format, apdu, redact, smartcard_list, command):
     """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does.
 
     With -- COMMAND, run COMMAND traced (with its children, nothing else) and
@@ -49,9 +59,11 @@ def command(pids, libs, nocolor, diffable, show_thread, write, read, quiet, as_j
         raise click.UsageError("-r renders a file: it takes no -p, --lib, -w or COMMAND")
     opts = Options(pids=pids, libs=libs, command=command,
                    color=not nocolor and not as_json and sys.stdout.isatty(),
-                   diffable=diffable, show_thread=show_thread, quiet=quiet, json=as_json,
+                   diffable=diffable, show_thread=show_thread, result_dialect=spy_format,
+                   quiet=quiet, json=as_json,
                    write=write, read=read, expect=expect, summary=summary,
-                   summary_format=summary_format)
+                   summary_format=summary_format, apdu=apdu, redact=redact,
+                   smartcard_list=smartcard_list)
     return run(opts)
 
 

@@ -86,8 +86,13 @@ def program_source(functions: Sequence[Function]) -> str:
     return BPF_MAIN.read_text() + "\n" + probes_source(functions)
 
 
-def cflags(filter_pids: bool) -> list:
+LOADER_PROBE = "pcsc_loaded"
+
+
+def cflags(filter_pids: bool, discover: bool = False) -> list:
     flags = ["-I%s" % BPF_DIR]
+    if discover:
+        flags.append("-DPCSC_DISCOVER")
     if filter_pids:
         from .btf import member_offsets
         flags.append("-DPCSC_FILTER_PIDS")

@@ -109,6 +109,9 @@ READER_STATES = (
 )
 SCARD_STATE_PRESENT = 0x0020
 
+SCARD_ATTR_ATR_STRING = 0x00090303
+TAG_IFD_ATR = 0x0303   # ifdhandler.h: the ATR, as a driver (vpcd) answers it
+
 # The attributes pcsc-spy names.
 ATTRIBUTES = {
     0x00010100: "SCARD_ATTR_VENDOR_NAME",
@@ -130,6 +133,8 @@ def scard_ctl_code(code: int) -> int:
 
 
 CM_IOCTL_GET_FEATURE_REQUEST = scard_ctl_code(3400)
+# libccid numbers a feature's control code SCARD_CTL_CODE(0x330000 + tag).
+CCID_CLASS2_IOCTL_MAGIC = 0x330000
 CONTROL_CODES = {
     scard_ctl_code(1): "IOCTL_SMARTCARD_VENDOR_IFD_EXCHANGE",
     CM_IOCTL_GET_FEATURE_REQUEST: "CM_IOCTL_GET_FEATURE_REQUEST",

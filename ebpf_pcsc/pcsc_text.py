@@ -26,6 +26,7 @@ COLOR_RED = "\x1b[01;31m"
 COLOR_GREEN = "\x1b[32m"
 COLOR_BLUE = "\x1b[34m"
 COLOR_MAGENTA = "\x1b[35m"
+COLOR_CYAN = "\x1b[36m"
 COLOR_NORMAL = "\x1b[0m"
 
 
@@ -418,13 +419,14 @@ class TextSink:
     traced process gives pcsc-spy's output byte for byte)."""
 
     def __init__(self, stats: Stats, out=None, color: bool = False, diffable: bool = False,
-                 show_thread: bool = False, result_dialect: str = "1.9"):
+                 show_thread: bool = False, result_dialect: str = "1.9", annotator=None):
         self.stats = stats
         self.out = out if out is not None else sys.stdout
         self.color = color
         self.diffable = diffable
         self.show_thread = show_thread
         self.result_dialect = result_dialect
+        self.annotator = annotator   # --apdu: an annotate.Annotator
         self._threads: Dict[tuple, "_Thread"] = {}
         self._running: Dict[int, tuple] = {}   # id(call) -> (generator, thread)
 
@@ -445,6 +447,7 @@ class TextSink:
 
     # -- lines --
     def _run(self, gen, th, call, until_return: bool) -> None:
+        returned = call
         for item in gen:
             if item is AT_RETURN:
                 if until_return:
@@ -462,6 +465,15 @@ class TextSink:
                 self._print(th.indent + self._paint(color, " %s %s" % (direction, text)))
         if not until_return and call is not None:
             self._result(th, call)
+        if not until_return and self.annotator is not None:
+            self._notes(th, returned)
+
+    def _notes(self, th, call: Call) -> None:
+        """--apdu: the call's APDUs and ATRs decoded, after its result line
+        (and after pcsc-spy's own parsing lines), each line " # "."""
+        for note in self.annotator.notes(call):
+            for line in [note.head] + ["  " + d for d in note.details]:
+                self._print(th.indent + self._paint(COLOR_CYAN, " # " + line))
 
     def _result(self, th, call: Call) -> None:
         rv = call.rv

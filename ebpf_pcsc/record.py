@@ -37,9 +37,13 @@ def header(libraries: List[str]) -> dict:
 
 
 def _captured(cap: Captured) -> dict:
-    return {"hex": None if cap.data is None else cap.data.hex().upper(),
-            "total": cap.total, "null": cap.is_null, "fault": cap.fault,
-            "truncated": cap.truncated}
+    d = {"hex": None if cap.data is None else cap.data.hex().upper(),
+         "total": cap.total, "null": cap.is_null, "fault": cap.fault,
+         "truncated": cap.truncated}
+    masked = getattr(cap, "masked", ())   # --redact (redact.Masked)
+    if masked:
+        d["redacted"] = [[offset, length] for offset, length in masked]
+    return d
 
 
 def _reader(r: ReaderState) -> dict:
@@ -78,6 +82,9 @@ def _captured_from(d: dict) -> Captured:
              | (L.PCSC_DATA_FAULT if d.get("fault") else 0)
              | (L.PCSC_DATA_TRUNCATED if d.get("truncated") else 0))
     data = None if d["hex"] is None else bytes.fromhex(d["hex"])
+    if d.get("redacted"):
+        from .redact import Masked
+        return Masked(data, flags, d["total"], tuple((o, n) for o, n in d["redacted"]))
     return Captured(data, flags, d["total"])
 
 
@@ -106,8 +113,17 @@ class JsonWriter:
     """A sink writing one line per finished call, flushed at once: a killed
     tracer loses at most the calls in flight."""
 
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str], annotator=None):
         self.stream = stream
+        self.annotator = annotator   # --apdu: an annotate.Annotator
+
+    def _call(self, call: Call) -> None:
+        obj = call_to_json(call)
+        if self.annotator is not None:
+            decoded = self.annotator.to_json(call)
+            if decoded:
+                obj["decoded"] = decoded   # informative: -r does not read it
+        self.write(obj)
 
     def write(self, obj: dict) -> None:
         self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -117,14 +133,14 @@ class JsonWriter:
         pass
 
     def leave(self, call: Call) -> None:
-        self.write(call_to_json(call))
+        self._call(call)
 
     def abort(self, call: Call) -> None:
-        self.write(call_to_json(call))
+        self._call(call)
 
     def unfinished(self, call: Call) -> None:
         """A call still running when tracing ends."""
-        self.write(call_to_json(call))
+        self._call(call)
 
 
 def open_private(path: str) -> IO[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from . import kheaders, record, targets
+from . import layout as L
 from .calls import Assembler, Call
 from .capture import Capture
 from .errors import SpyError
@@ -39,6 +40,9 @@ class Options:
     summary: bool = False            # tables after pcsc-spy's summary
     summary_format: str = "simple"
     perf_pages: Optional[int] = None
+    apdu: bool = False               # --apdu: APDUs and ATRs decoded under the calls
+    redact: bool = False             # --redact: PINs masked before any output sees them
+    smartcard_list: Optional[str] = None   # --smartcard-list (None: pcsc-tools' list)
 
 
 def warn(message: str) -> None:
@@ -91,18 +95,19 @@ class _Outputs:
         self.files = []
         sinks = []
         if opts.json:
-            writer = record.JsonWriter(out)
+            writer = record.JsonWriter(out, annotator=self._annotator())
             writer.write(record.header(libraries))
             sinks.append(writer)
         elif not opts.quiet:
             self.text = TextSink(self.stats, out=out, color=opts.color, diffable=opts.diffable,
                                  show_thread=opts.show_thread,
-                                 result_dialect=opts.result_dialect)
+                                 result_dialect=opts.result_dialect,
+                                 annotator=self._annotator())
             sinks.append(self.text)
         if opts.write:
             f = record.open_private(opts.write)
             self.files.append(f)
-            writer = record.JsonWriter(f)
+            writer = record.JsonWriter(f, annotator=self._annotator())
             writer.write(record.header(libraries))
             sinks.append(writer)
         if opts.expect:
@@ -113,6 +118,18 @@ class _Outputs:
             sinks.append(TextSink(self.stats, out=self.golden, diffable=True,
                                   result_dialect=opts.result_dialect))
         self.sink = _Fanout(self.stats, sinks, live)
+        if opts.redact:
+            # Once, before any output (text, JSON, recording) sees a call.
+            from .redact import Redactor
+            self.sink = Redactor(self.sink)
+
+    def _annotator(self):
+        """--apdu: one decoder per output (each follows the applications
+        selected on each card handle)."""
+        if not self.opts.apdu:
+            return None
+        from .annotate import Annotator
+        return Annotator(self.opts.smartcard_list)
 
     def finish(self) -> int:
         """Summaries, the golden comparison; the exit status it implies."""
@@ -198,7 +215,11 @@ def trace(opts: Options, out) -> int:
     libraries = choose_libraries(opts)
     kheaders.ensure(warn)
     filtered = bool(opts.pids or opts.command)
+    # Unless the libraries are given, every libpcsclite image the traced
+    # processes map is found and probed, now and as they load one.
+    discover = not opts.libs
     capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) if filtered else None,
+                      discover=discover,
                       **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
     lost_total = [0]
 
@@ -211,6 +232,13 @@ def trace(opts: Options, out) -> int:
         # the child (and its descendants) before it runs a single instruction.
         capture.pids = list(capture.pids or []) + [os.getpid()]
     capture.start(on_lost)
+    finder = None
+    if discover:
+        from .discovery import Discovery
+        finder = Discovery(capture, warn, pids=opts.pids if opts.pids else
+                           ([] if opts.command else None))
+        capture.attach_loader(targets.system_loader())
+        finder.all_processes()
     try:
         outputs = _Outputs(opts, out, [lib.shown for libs in capture.attached for lib in libs[:1]],
                            live=True)
@@ -233,10 +261,10 @@ def trace(opts: Options, out) -> int:
                 stop.event.clear()
             # Flush after each batch, not each line: a blocked call's first
             # lines show at once, and a burst still costs one write.
-            if _drain(capture, assembler, 100):
+            if _drain(capture, assembler, finder, 100):
                 out.flush()
         # Events submitted before the end may still be in the buffers.
-        while _drain(capture, assembler, 0):
+        while _drain(capture, assembler, finder, 0):
             pass
         outputs.stats.lost = lost_total[0]
         for call in assembler.pending():
@@ -282,17 +310,28 @@ def _forward(child, signum: int) -> None:
 
 
 def _describe(libs: List[targets.Library]) -> str:
-    """A probed file, as its processes see it: "/usr/lib/.../x.so (pid 1, 2)"."""
+    """A probed file, as its processes see it: "/usr/lib/.../x.so (pid 1, 2)";
+    the system library (probed for every process) without pids."""
     pids = [str(lib.pid) for lib in libs if lib.pid is not None]
-    return libs[0].shown + (" (pid %s)" % ", ".join(pids) if pids else "")
+    if libs[0].pid is None or not pids:
+        return libs[0].shown
+    return libs[0].shown + " (pid %s)" % ", ".join(pids)
 
 
-def _drain(capture: Capture, assembler: Assembler, timeout_ms: int) -> int:
+def _drain(capture: Capture, assembler: Assembler, finder, timeout_ms: int) -> int:
     """Poll once; feed what arrived, oldest first.  Returns the count."""
     batch = capture.poll(timeout_ms)
     batch.sort(key=Assembler.timestamp)
+    loading = {}   # a process start or dlopen() notifies several times: look once
     for raw in batch:
+        kind, pid = Assembler.kind_and_pid(raw)
+        if kind in (L.PCSC_REC_LOADED, L.PCSC_REC_EXEC):
+            loading[pid] = kind
+            continue
         assembler.feed(raw)
+    if finder is not None:
+        for pid, kind in loading.items():
+            finder.event(kind, pid)
     if batch:
         assembler.expire()
     return len(batch)

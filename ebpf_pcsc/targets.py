@@ -94,6 +94,13 @@ def for_path(path: str) -> Library:
     return Library(os.path.realpath(path), path)
 
 
+SYSTEM_LOADER = "/lib64/ld-linux-x86-64.so.2"
+
+
+def system_loader() -> str:
+    return SYSTEM_LOADER
+
+
 def system_wide() -> Library:
     path = system_library()
     return Library(os.path.realpath(path), path)

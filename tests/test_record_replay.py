@@ -22,7 +22,7 @@ import ebpf_pcsc
 from test_cli_errors import check_one_line_error
 from test_command_mode import client_calls, spy
 from test_e2e_behaviour import names_and_rvs, parse_trace, wait_for
-from tracer import run_tracer
+from tracer import ROOT, command, run_tracer
 
 HEADER_KEYS = {"type", "format", "tool", "version", "kernel", "libraries", "start_time",
                "start_ns"}
@@ -425,3 +425,18 @@ def test_json_of_a_recording_is_the_recording(recording, tmp_path):
     out = res.stdout.splitlines(keepends=True)
     assert out[1:] == recording[1:]
     assert json.loads(out[0]) == json.loads(recording[0])
+
+
+def test_reader_of_stdout_going_away(recording, tmp_path):
+    """`pcsc-ebpf-spy -r FILE | head`: the reader leaves early, the tracer
+    ends quietly with status 0 (ebpf_pcsc/cli.py: nothing left to say), not
+    1, which --expect uses for "the trace differs"."""
+    rec = tmp_path / "long.jsonl"
+    rec.write_text(recording[0] + "".join(recording[1:]) * 30)   # megabytes of text
+    p = subprocess.Popen(command("-n", "-r", rec), cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"SCardEstablishContext\n"
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(60) == 0, err
+    assert b"Traceback" not in err

@@ -1,0 +1,720 @@
+#!/usr/bin/env python3
+"""pcsc-ebpf-spy's benchmark (`make bench`, as root): figures, not a test.
+
+Measures side by side, in one run, and prints one table (tabulate) plus a
+JSON file (bench-results.json by default):
+
+1. SCardIsValidContext in a loop (no IPC: the pure cost of a call), per
+   call, for: no tracing; the floor, an empty BPF program attached as uprobe
+   and uretprobe to the 18 SCard* functions; pcsc-ebpf-spy attached to the
+   client (-p PID, text to a file); pcsc-lite's pcsc-spy (libpcscspy through
+   LD_PRELOAD, with its reader `pcsc-spy -n` running).  The variants take
+   turns, round after round; the figure is the median over the rounds.
+2. SCardTransmit in a loop against the virtual card: untraced vs traced, in
+   interleaved pairs; medians and their ratio.
+3. A burst of 50,000 SCardIsValidContext calls at full speed under the
+   tracer: how many calls it shows and how many events it lost.
+4. The time from starting the tracer to its `Tracing` line (median over
+   every tracer start of the run), its peak RSS (VmHWM) and its CPU time per
+   1,000 calls (utime + stime during the burst).
+
+The targets of issue 5 stand next to the figures, with PASS or MISS.
+
+The client is tests/clients/pcsc_client.c (scenarios `isvalid N` and
+`loop N`, compiled here), against the private PC/SC stack of testbed.py.
+
+The probed library is a private copy of the system's libpcsclite.so.1 (the
+same bytes, another inode), which the clients load through LD_LIBRARY_PATH:
+uprobes belong to a file, so the probes that any other tracer on this
+machine puts on the system's library do not slow these clients down, and
+the probes put here slow down no one else.  --system-lib probes the
+system's file instead.
+
+Everything started here is stopped at the end, also on Ctrl-C or SIGTERM:
+tracers, probes, pcscd, the card, pcsc-spy's reader and its FIFO.
+
+    sudo .venv/bin/python tests/bench.py [--quick] [--json PATH]
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+for _p in (str(TESTS), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from testbed import PcscStack  # noqa: E402
+
+SYSTEM_LIB = "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1"
+SPY_LIBRARY = "/usr/lib/x86_64-linux-gnu/libpcscspy.so.0"
+PCSC_SPY = "/usr/bin/pcsc-spy"
+CLIENT_SRC = TESTS / "clients" / "pcsc_client.c"
+START_TIMEOUT = 120.0     # the machine may be very busy
+RUN_TIMEOUT = 600.0
+
+FULL = dict(isvalid_calls=200_000, isvalid_rounds=5, loop_calls=2_000, loop_pairs=5,
+            burst_calls=50_000)
+QUICK = dict(isvalid_calls=2_000, isvalid_rounds=1, loop_calls=50, loop_pairs=1,
+             burst_calls=2_000)
+
+# Targets (issue 5).
+FLOOR_FACTOR = 1.5        # tracer per call <= 1.5 x the floor's
+SPY_FACTOR = 0.5          # tracer per call <= 0.5 x pcsc-spy's
+TRANSMIT_RATIO = 1.10     # SCardTransmit traced / untraced (aim 1.03)
+TRANSMIT_AIM = 1.03
+START_LIMIT = 1.5         # seconds to the Tracing line (aim 1.0)
+START_AIM = 1.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message):
+    sys.stderr.write("bench: %s\n" % message)
+    sys.stderr.flush()
+
+
+def _die_with_parent():
+    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+class _Cleanup:
+    """What must be undone, newest first, whatever happens."""
+
+    def __init__(self):
+        self._undo = []
+
+    def push(self, fn):
+        self._undo.append(fn)
+        return fn
+
+    def discard(self, fn):
+        if fn in self._undo:
+            self._undo.remove(fn)
+
+    def run(self):
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as e:  # keep cleaning up
+                log("cleanup: %s" % e)
+
+
+CLEANUP = _Cleanup()
+
+
+def _child_cpu():
+    """CPU seconds of the children reaped so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _proc_cpu(pid):
+    """utime + stime of a live process, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _vm_hwm_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+# -- the client -----------------------------------------------------------------------
+
+_ISVALID = re.compile(r"isvalid: (\d+) calls in ([\d.]+) s")
+_LOOP = re.compile(r"loop: (\d+) transmits in ([\d.]+) s")
+
+
+def _per_call_us(pattern, stderr):
+    m = pattern.search(stderr)
+    if not m:
+        raise RuntimeError("no timing line from the client: %r" % stderr[-500:])
+    calls, seconds = int(m.group(1)), float(m.group(2))
+    return seconds * 1e6 / calls if calls else None
+
+
+class Client:
+    """pcsc_client runs against the stack, loading libpcsclite from libdir."""
+
+    def __init__(self, binary, stack, libdir):
+        self.binary = binary
+        self.stack = stack
+        self.libdir = libdir
+
+    def env(self, **extra):
+        env = dict(self.stack.env, PCSC_CLIENT_QUIET="1")
+        if self.libdir:
+            env["LD_LIBRARY_PATH"] = self.libdir
+        env.update(extra)
+        return env
+
+    def run(self, scenario, n, env=None):
+        """Run to the end: (µs per call from its timing line, its CPU µs per call)."""
+        cpu0 = _child_cpu()
+        p = subprocess.run([self.binary, scenario, str(n)], env=env or self.env(),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT, preexec_fn=_die_with_parent)
+        cpu = _child_cpu() - cpu0
+        if p.returncode != 0:
+            raise RuntimeError("pcsc_client %s %d failed (%d): %s"
+                               % (scenario, n, p.returncode, p.stderr.strip()[-500:]))
+        pattern = _ISVALID if scenario == "isvalid" else _LOOP
+        return _per_call_us(pattern, p.stderr), cpu * 1e6 / n
+
+    def held(self, scenario, n):
+        return Held([self.binary, scenario, str(n)], self.env())
+
+
+class Held:
+    """The client held before exec (a shell waiting for a line, then exec:
+    the pid stays), so the tracer attaches to it before its first call."""
+
+    def __init__(self, argv, env):
+        self.proc = subprocess.Popen(["sh", "-c", 'read _ && exec "$@"', "sh", *argv],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_die_with_parent)
+        self.pid = self.proc.pid
+        self._undo = CLEANUP.push(self.kill)
+
+    def release(self, pattern, n):
+        cpu0 = _child_cpu()
+        _, err = self.proc.communicate("go\n", timeout=RUN_TIMEOUT)
+        cpu = _child_cpu() - cpu0
+        CLEANUP.discard(self._undo)
+        if self.proc.returncode != 0:
+            raise RuntimeError("client failed (%d): %s" % (self.proc.returncode, err[-500:]))
+        return _per_call_us(pattern, err), cpu * 1e6 / n
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+# -- pcsc-ebpf-spy ------------------------------------------------------------------------
+
+class _LineCounter:
+    """Counts, in a growing trace file, the result lines of one function
+    (` => ` after the function's name line) and all result lines."""
+
+    def __init__(self, path, fn):
+        self.path = path
+        self.fn = fn
+        self._offset = 0
+        self._rest = ""
+        self._current = None
+        self._in_summary = False
+        self.results = 0
+        self.of_fn = 0
+
+    def update(self):
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+            self._offset = f.tell()
+        lines = (self._rest + chunk).split("\n")
+        self._rest = lines.pop()
+        for line in lines:
+            if self._in_summary:
+                continue
+            if line.startswith("SCard"):
+                self._current = line.strip()
+            elif line.startswith(" => "):
+                self.results += 1
+                if self._current == self.fn:
+                    self.of_fn += 1
+            elif line.startswith("Thread "):   # pcsc-spy's summary
+                self._in_summary = True
+        return self.results
+
+
+_LOST_SUMMARY = re.compile(r"^Lost events: (\d+)", re.M)
+_LOST_WARNING = re.compile(r"(\d+) events lost")
+
+
+class TracerRun:
+    """pcsc-ebpf-spy -p PID --lib LIB -n, its trace in a file."""
+
+    def __init__(self, pid, lib, workdir, tag):
+        self.out_path = Path(workdir) / ("trace-%s.txt" % tag)
+        self.err_lines = []
+        self._ready = threading.Event()
+        argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n"]
+        with open(self.out_path, "w") as out:
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.PIPE, text=True,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        self._undo = CLEANUP.push(self.kill)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        deadline = t0 + START_TIMEOUT
+        while not self._ready.wait(0.01):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("the tracer did not start:\n" + "".join(self.err_lines))
+        self.start_s = self._ready_at - t0
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            if not self._ready.is_set() and line.startswith("Tracing"):
+                self._ready_at = time.monotonic()
+                self._ready.set()
+            self.err_lines.append(line)
+
+    def cpu_s(self):
+        return _proc_cpu(self.proc.pid)
+
+    def drain(self, fn, expected, settle=1.5, timeout=RUN_TIMEOUT):
+        """Wait until `expected` result lines are in the trace, or nothing
+        moves (no new line, no CPU used) for `settle` seconds."""
+        counter = _LineCounter(self.out_path, fn)
+        last = (-1, -1.0)
+        still_since = time.monotonic()
+        deadline = still_since + timeout
+        while time.monotonic() < deadline:
+            now = (counter.update(), self.cpu_s())
+            if now[0] >= expected:
+                return
+            if now != last:
+                last, still_since = now, time.monotonic()
+            elif time.monotonic() - still_since > settle:
+                return
+            time.sleep(0.1)
+
+    def stop(self, fn):
+        """SIGINT, wait for the summary; the figures of this run."""
+        hwm = _vm_hwm_kib(self.proc.pid)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(10)
+        CLEANUP.discard(self._undo)
+        counter = _LineCounter(self.out_path, fn)
+        counter.update()
+        text = self.out_path.read_text(encoding="utf-8", errors="replace")
+        m = _LOST_SUMMARY.search(text)
+        lost_summary = int(m.group(1)) if m else 0
+        lost_warned = sum(int(x) for x in _LOST_WARNING.findall("".join(self.err_lines)))
+        self.out_path.unlink()
+        return dict(shown=counter.of_fn, results=counter.results, lost_events=lost_summary,
+                    lost_events_stderr=lost_warned, peak_rss_kib=hwm, exit_status=code,
+                    start_s=self.start_s)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- the floor: an empty program on every function ----------------------------------------
+
+class Floor:
+    SOURCE = "int f(void *ctx) { return 0; }"
+
+    def __init__(self, lib, names):
+        from bcc import BPF
+        self.lib = lib
+        self.names = names
+        self.bpf = BPF(text=self.SOURCE)
+        CLEANUP.push(self.close)
+
+    def attach(self):
+        for name in self.names:
+            self.bpf.attach_uretprobe(name=self.lib, sym=name, fn_name="f")
+            self.bpf.attach_uprobe(name=self.lib, sym=name, fn_name="f")
+
+    def detach(self):
+        # Close the perf events (bcc's detach also removes tracefs events,
+        # which it never created here); each close waits for a grace period,
+        # so they are closed concurrently.
+        from bcc import lib
+        fds = list(self.bpf.uprobe_fds.values())
+        if fds:
+            with ThreadPoolExecutor(len(fds)) as pool:
+                list(pool.map(lib.bpf_close_perf_event_fd, fds))
+        self.bpf.uprobe_fds.clear()
+
+    def close(self):
+        if self.bpf is not None:
+            self.detach()
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+# -- pcsc-spy -----------------------------------------------------------------------------
+
+class PcscSpy:
+    """pcsc-spy -n reading $HOME/pcsc-spy (output to /dev/null), for one client run."""
+
+    def __init__(self, workdir):
+        self.home = Path(tempfile.mkdtemp(prefix="home-", dir=workdir))
+        self.fifo = self.home / "pcsc-spy"
+        self.reader = subprocess.Popen([PCSC_SPY, "-n"], env=dict(os.environ, HOME=str(self.home)),
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True, preexec_fn=_die_with_parent)
+        self._undo = CLEANUP.push(self.close)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.fifo.exists():   # pcsc-spy makes the FIFO, then opens it
+            if self.reader.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pcsc-spy did not start: %s" % self.reader.stderr.read())
+            time.sleep(0.01)
+
+    def client_env(self, client):
+        return client.env(LD_PRELOAD=SPY_LIBRARY, HOME=str(self.home))
+
+    def finish(self, timeout=RUN_TIMEOUT):
+        """Wait for the reader to read everything (end of file) and exit."""
+        try:
+            self.reader.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.close()
+
+    def close(self):
+        # A reader still waiting for a writer gets its end of file this way.
+        deadline = time.monotonic() + 10
+        while self.reader.poll() is None and time.monotonic() < deadline:
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            try:
+                self.reader.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.reader.poll() is None:
+            self.reader.kill()
+        self.reader.communicate()
+        shutil.rmtree(self.home, ignore_errors=True)
+        CLEANUP.discard(self._undo)
+
+
+# -- the benchmark ------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, counts, lib, libdir, client, workdir):
+        self.c = counts
+        self.lib = lib
+        self.client = client
+        self.workdir = workdir
+        from ebpf_pcsc.functions import FUNCTIONS
+        self.floor = Floor(lib, [fn.name for fn in FUNCTIONS])
+        self.tracer_runs = []     # every tracer run: shown, lost, start, rss, cpu
+
+    # one run of each kind
+    def _untraced(self, scenario, n):
+        return self.client.run(scenario, n)
+
+    def _floor(self, scenario, n):
+        self.floor.attach()
+        try:
+            return self.client.run(scenario, n)
+        finally:
+            self.floor.detach()
+
+    def _pcsc_spy(self, scenario, n):
+        spy = PcscSpy(self.workdir)
+        try:
+            return self.client.run(scenario, n, env=spy.client_env(self.client))
+        finally:
+            spy.finish()
+
+    def _traced(self, scenario, n, kind):
+        fn, pattern, others = {"isvalid": ("SCardIsValidContext", _ISVALID, 2),
+                               "loop": ("SCardTransmit", _LOOP, 5)}[scenario]
+        held = self.client.held(scenario, n)
+        tracer = TracerRun(held.pid, self.lib, self.workdir, "%s-%d" % (kind, len(self.tracer_runs)))
+        try:
+            cpu0 = tracer.cpu_s()
+            result = held.release(pattern, n)
+            tracer.drain(fn, n + others)
+            cpu = tracer.cpu_s() - cpu0
+        except BaseException:
+            tracer.kill()
+            raise
+        run = tracer.stop(fn)
+        run.update(kind=kind, calls=n, tracer_cpu_s=cpu,
+                   tracer_cpu_ms_per_1000_calls=cpu * 1e3 / n * 1000 if n else None)
+        self.tracer_runs.append(run)
+        return result, run
+
+    def isvalid(self):
+        n, rounds = self.c["isvalid_calls"], self.c["isvalid_rounds"]
+        variants = [("untraced", self._untraced), ("floor", self._floor),
+                    ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "isvalid")[0]),
+                    ("pcsc-spy", self._pcsc_spy)]
+        wall = {name: [] for name, _ in variants}
+        cpu = {name: [] for name, _ in variants}
+        for r in range(rounds):
+            # A different order each round: no variant always goes first.
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for name, fn in order:
+                us, cpu_us = fn("isvalid", n)
+                wall[name].append(us)
+                cpu[name].append(cpu_us)
+                log("isvalid round %d/%d: %-13s %8.3f us/call (client CPU %.3f us/call)"
+                    % (r + 1, rounds, name, us, cpu_us))
+        runs = [t for t in self.tracer_runs if t["kind"] == "isvalid"]
+        return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
+                           client_cpu_us_per_call=median(cpu[name]),
+                           runs_client_cpu_us_per_call=cpu[name])
+                for name, _ in variants}, dict(
+                    calls=n, rounds=rounds,
+                    tracer_shown=[t["shown"] for t in runs],
+                    tracer_lost_events=[t["lost_events"] for t in runs])
+
+    def transmit(self):
+        n, pairs = self.c["loop_calls"], self.c["loop_pairs"]
+        untraced, traced, shown, lost = [], [], [], []
+        for i in range(pairs):
+            for which in (("untraced", "traced") if i % 2 == 0 else ("traced", "untraced")):
+                if which == "untraced":
+                    us, _ = self._untraced("loop", n)
+                    untraced.append(us)
+                else:
+                    (us, _), run = self._traced("loop", n, "transmit")
+                    traced.append(us)
+                    shown.append(run["shown"])
+                    lost.append(run["lost_events"])
+                log("transmit pair %d/%d: %-8s %8.1f us/call" % (i + 1, pairs, which, us))
+        u, t = median(untraced), median(traced)
+        return dict(calls=n, pairs=pairs, untraced_us_per_call=u, traced_us_per_call=t,
+                    ratio=t / u, runs_untraced=untraced, runs_traced=traced,
+                    tracer_shown=shown, tracer_lost_events=lost)
+
+    def burst(self):
+        n = self.c["burst_calls"]
+        (us, _), run = self._traced("isvalid", n, "burst")
+        log("burst: %d calls, %d shown, %d events lost, %.1f ms CPU per 1000 calls"
+            % (n, run["shown"], run["lost_events"], run["tracer_cpu_ms_per_1000_calls"]))
+        return dict(calls=n, shown=run["shown"], lost_events=run["lost_events"],
+                    lost_events_stderr=run["lost_events_stderr"], us_per_call=us,
+                    tracer_cpu_s=run["tracer_cpu_s"],
+                    tracer_cpu_ms_per_1000_calls=run["tracer_cpu_ms_per_1000_calls"],
+                    tracer_peak_rss_kib=run["peak_rss_kib"])
+
+
+# -- the report -----------------------------------------------------------------------------
+
+def machine():
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def pkg(name):
+        p = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True,
+                           text=True)
+        return p.stdout.strip() or None
+
+    return dict(kernel=platform.release(), cpu=cpu, cores=os.cpu_count(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), loadavg_start=os.getloadavg(),
+                libpcsclite=pkg("libpcsclite1"), bcc=pkg("python3-bpfcc"),
+                python=platform.python_version())
+
+
+def verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+def targets(res):
+    iv = res["isvalid"]
+    tracer, floor, spy = (iv[k]["us_per_call"] for k in ("pcsc-ebpf-spy", "floor", "pcsc-spy"))
+    tr = res["transmit"]
+    burst = res["burst"]
+    start = res["startup"]["median_s"]
+    return [
+        dict(name="isvalid: pcsc-ebpf-spy / floor", value=tracer / floor,
+             target="<= %.1f" % FLOOR_FACTOR, ok=tracer / floor <= FLOOR_FACTOR),
+        dict(name="isvalid: pcsc-ebpf-spy / pcsc-spy", value=tracer / spy,
+             target="<= %.1f" % SPY_FACTOR, ok=tracer / spy <= SPY_FACTOR),
+        dict(name="SCardTransmit: traced / untraced", value=tr["ratio"],
+             target="<= %.2f (aim %.2f)" % (TRANSMIT_RATIO, TRANSMIT_AIM),
+             ok=tr["ratio"] <= TRANSMIT_RATIO),
+        dict(name="burst: calls lost", value=burst["calls"] - burst["shown"],
+             target="0", ok=burst["shown"] == burst["calls"] and burst["lost_events"] == 0),
+        dict(name="start to Tracing (s)", value=start,
+             target="<= %.1f (aim %.1f)" % (START_LIMIT, START_AIM), ok=start <= START_LIMIT),
+    ]
+
+
+def table(res):
+    import tabulate as tabulate_module
+    from tabulate import tabulate
+    tabulate_module.PRESERVE_WHITESPACE = True   # the indented rows
+    iv = res["isvalid"]
+    tr = res["transmit"]
+    burst = res["burst"]
+    st = res["startup"]
+    tg = {t["name"]: t for t in res["targets"]}
+
+    def target(name):
+        t = tg[name]
+        return t["target"], verdict(t["ok"])
+
+    def f(x, spec):
+        return format(x, spec) if x is not None else "-"
+
+    n = res["isvalid_runs"]["calls"]
+    rounds = res["isvalid_runs"]["rounds"]
+    shown = res["isvalid_runs"]["tracer_shown"]
+    lost = res["isvalid_runs"]["tracer_lost_events"]
+    rows = [
+        ["SCardIsValidContext, µs/call (median of %d x %d calls)" % (rounds, n), "", "", ""],
+        ["  untraced", f(iv["untraced"]["us_per_call"], ".3f"), "", ""],
+        ["  floor: empty uprobe+uretprobe", f(iv["floor"]["us_per_call"], ".3f"), "", ""],
+        ["  pcsc-spy (LD_PRELOAD, reader running)", f(iv["pcsc-spy"]["us_per_call"], ".3f"), "", ""],
+        ["  pcsc-ebpf-spy", f(iv["pcsc-ebpf-spy"]["us_per_call"], ".3f"), "", ""],
+        ["    x floor", f(tg["isvalid: pcsc-ebpf-spy / floor"]["value"], ".2f"),
+         *target("isvalid: pcsc-ebpf-spy / floor")],
+        ["    x pcsc-spy", f(tg["isvalid: pcsc-ebpf-spy / pcsc-spy"]["value"], ".2f"),
+         *target("isvalid: pcsc-ebpf-spy / pcsc-spy")],
+        ["    calls shown / events lost per run",
+         " ".join("%d/%d" % (s, l) for s, l in zip(shown, lost)), "", ""],
+        ["SCardTransmit, µs/call (median of %d pairs x %d calls)" % (tr["pairs"], tr["calls"]),
+         "", "", ""],
+        ["  untraced", f(tr["untraced_us_per_call"], ".1f"), "", ""],
+        ["  pcsc-ebpf-spy", f(tr["traced_us_per_call"], ".1f"), "", ""],
+        ["    traced / untraced", f(tr["ratio"], ".3f"), *target("SCardTransmit: traced / untraced")],
+        ["Burst of %d SCardIsValidContext" % burst["calls"], "", "", ""],
+        ["  calls shown", "%d" % burst["shown"], "", ""],
+        ["  calls lost", "%d" % (burst["calls"] - burst["shown"]), *target("burst: calls lost")],
+        ["  events lost (tracer's count)", "%d" % burst["lost_events"], "", ""],
+        ["pcsc-ebpf-spy itself", "", "", ""],
+        ["  start to Tracing, s (median of %d starts)" % len(st["runs_s"]), f(st["median_s"], ".2f"),
+         *target("start to Tracing (s)")],
+        ["  peak RSS, MiB (VmHWM, burst run)", f(res["tracer"]["peak_rss_kib"] / 1024, ".1f"), "", ""],
+        ["  CPU ms per 1,000 calls (burst run)", f(res["tracer"]["cpu_ms_per_1000_calls"], ".1f"),
+         "", ""],
+    ]
+    return tabulate(rows, headers=["measurement", "figure", "target", "result"],
+                    tablefmt="simple", disable_numparse=True)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def compile_client(workdir):
+    out = Path(workdir) / "pcsc_client"
+    subprocess.run(["gcc", "-O2", "-g", "-Wall", "-Wextra", "-I/usr/include/PCSC", str(CLIENT_SRC),
+                    "-o", str(out), "-lpcsclite", "-lpthread"], check=True)
+    return str(out)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts (for the smoke test)")
+    ap.add_argument("--json", default=str(ROOT / "bench-results.json"), metavar="PATH",
+                    help="where to write the figures (default: bench-results.json)")
+    ap.add_argument("--system-lib", action="store_true",
+                    help="probe %s itself, not a private copy" % SYSTEM_LIB)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("needs root (eBPF, mount namespaces): sudo %s" % " ".join(sys.argv))
+    counts = QUICK if args.quick else FULL
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _bench(args, counts)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything")
+        return 130
+    finally:
+        CLEANUP.run()
+
+
+def _bench(args, counts):
+    from ebpf_pcsc import kheaders
+    kheaders.ensure(lambda m: log(m))
+    workdir = tempfile.mkdtemp(prefix="pcsc-bench-")
+    CLEANUP.push(lambda: shutil.rmtree(workdir, ignore_errors=True))
+    info = machine()
+    log("%s, %s, %d cores, load average %.1f" % (info["kernel"], info["cpu"], info["cores"],
+                                                  info["loadavg_start"][0]))
+    client_bin = compile_client(workdir)
+    if args.system_lib:
+        lib, libdir = SYSTEM_LIB, None
+    else:
+        libdir = os.path.join(workdir, "lib")
+        os.mkdir(libdir)
+        lib = os.path.join(libdir, "libpcsclite.so.1")
+        shutil.copy2(SYSTEM_LIB, lib)
+    stack = PcscStack()
+    CLEANUP.push(stack.close)
+    client = Client(client_bin, stack, libdir)
+    bench = Bench(counts, lib, libdir, client, workdir)
+
+    t0 = time.monotonic()
+    res = dict(machine=info, counts=counts, library=lib,
+               library_note=None if args.system_lib else "private copy of %s" % SYSTEM_LIB)
+    res["isvalid"], res["isvalid_runs"] = bench.isvalid()
+    res["transmit"] = bench.transmit()
+    res["burst"] = bench.burst()
+    starts = [t["start_s"] for t in bench.tracer_runs]
+    res["startup"] = dict(median_s=median(starts), runs_s=starts)
+    burst_run = bench.tracer_runs[-1]
+    res["tracer"] = dict(peak_rss_kib=burst_run["peak_rss_kib"],
+                         cpu_ms_per_1000_calls=burst_run["tracer_cpu_ms_per_1000_calls"],
+                         peak_rss_kib_all_runs=[t["peak_rss_kib"] for t in bench.tracer_runs],
+                         runs=bench.tracer_runs)
+    res["targets"] = targets(res)
+    info["loadavg_end"] = os.getloadavg()
+    res["duration_s"] = time.monotonic() - t0
+
+    print("pcsc-ebpf-spy benchmark: %s, %s, %d cores, %s (load average %.1f at start)"
+          % (info["kernel"], info["cpu"], info["cores"], info["date"], info["loadavg_start"][0]))
+    print("library probed: %s%s" % (lib, "" if args.system_lib else " (a private copy of %s)"
+                                    % SYSTEM_LIB))
+    print()
+    print(table(res))
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+        f.write("\n")
+    print()
+    print("figures written to %s" % args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
