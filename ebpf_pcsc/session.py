@@ -312,7 +312,7 @@ def _forward(child, signum: int) -> None:
 def _describe(libs: List[targets.Library]) -> str:
     """A probed file, as its processes see it: "/usr/lib/.../x.so (pid 1, 2)";
     the system library (probed for every process) without pids."""
-    pids = [str(lib.pid) for lib in libs if lib.pid is not None]
+    pids = list(dict.fromkeys(str(lib.pid) for lib in libs if lib.pid is not None))
     if libs[0].pid is None or not pids:
         return libs[0].shown
     return libs[0].shown + " (pid %s)" % ", ".join(pids)

@@ -68,11 +68,15 @@ def for_pids(pids: Iterable[int]) -> List[Library]:
             raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
         root = "/proc/%d/root" % pid
         mapped = mapped_libraries(pid)
-        if mapped:
-            libs.extend(Library(root + p, p, pid) for p in mapped)
-        else:
+        exe = "/proc/%d/exe" % pid
+        found = [Library(root + p, p, pid) for p in mapped]
+        if exported_functions(exe):
+            # libpcsclite linked into the program (pcsc-lite >= 2.3.1 ships a .a)
+            found.insert(0, Library(exe, os.readlink(exe), pid))
+        if not found:
             path = system_library(root)
-            libs.append(Library(path, path[len(root):], pid, loaded=False))
+            found.append(Library(path, path[len(root):], pid, loaded=False))
+        libs.extend(found)
     return libs
 
 

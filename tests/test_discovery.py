@@ -1,0 +1,133 @@
+"""Every libpcsclite image processes map: private copies, copies seen
+through another mount namespace, programs with SCard* linked in; each
+attached image is named on stderr."""
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from test_smoke_e2e import calls_of, calls_of_client
+
+SYSTEM_REAL = "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1.0.0"
+
+
+@pytest.fixture(scope="module")
+def private_copy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("copy")
+    shutil.copy(SYSTEM_REAL, d / "libpcsclite.so.1")
+    return d
+
+
+def held(stack, argv, env=None):
+    """The C client's wait-then-run scenario: it loads libpcsclite at start
+    (linked), prints "ready", and calls nothing before a line on stdin."""
+    proc = subprocess.Popen(argv, env=env or stack.env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def wait_attached(t, path, timeout=30.0):
+    """Discovery is asynchronous: the process was already running when the
+    kernel told us about its library (see the README's note on the race)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not attached_lines(t.stderr_so_far, path):
+        assert time.monotonic() < deadline, t.stderr_so_far
+        time.sleep(0.05)
+
+
+def release(proc):
+    out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
+def calls_of_pid(recording, pid):
+    """(function, rv) of one process's calls in a -w recording (other
+    processes may use PC/SC on this machine while a system-wide test runs)."""
+    with open(recording) as f:
+        calls = [json.loads(line) for line in f][1:]
+    return [(c["function"], "0x%08X" % c["rv"]) for c in calls if c["pid"] == pid]
+
+
+def attached_lines(stderr, path):
+    return [l for l in stderr.splitlines()
+            if re.match(r"pcsc-ebpf-spy: attached %s \(pid \d+(, pcsc-lite [^)]+)?\)$"
+                        % re.escape(path), l)]
+
+
+def test_private_copy_through_ld_library_path_loaded_after_start(stack, client_bin, tracer,
+                                                                  private_copy, tmp_path):
+    t = tracer("-q", "-w", tmp_path / "rec")
+    proc = held(stack, [client_bin, "wait-then-run"],
+                env=dict(stack.env, LD_LIBRARY_PATH=str(private_copy)))
+    copy = str(private_copy / "libpcsclite.so.1")
+    with open("/proc/%d/maps" % proc.pid) as f:
+        assert copy in f.read()          # the process really uses the copy
+    wait_attached(t, copy)
+    out = release(proc)
+    res = t.stop()
+    assert len(attached_lines(res.stderr, copy)) == 1, res.stderr
+    assert calls_of_pid(tmp_path / "rec", proc.pid) == calls_of_client(out)
+
+
+def test_copy_bind_mounted_over_the_system_path_in_a_private_namespace(stack, client_bin,
+                                                                      tracer, private_copy):
+    """As a container sees it: the system path, another file."""
+    copy = str(private_copy / "libpcsclite.so.1")
+    proc = held(stack, ["unshare", "-m", "sh", "-c",
+                        'mount --bind "$0" %s && exec "$1" wait-then-run' % SYSTEM_REAL,
+                        copy, client_bin])
+    t = tracer("-n", "-p", proc.pid)
+    # -p finds the library the process maps, through its root
+    assert "Tracing 18 PC/SC functions in %s (pid %d)..." % (SYSTEM_REAL, proc.pid) \
+        in t.stderr_so_far
+    out = release(proc)
+    res = t.stop()
+    assert calls_of(res.stdout) == calls_of_client(out)
+
+
+def test_bind_mounted_copy_found_system_wide(stack, client_bin, tracer, private_copy, tmp_path):
+    copy = str(private_copy / "libpcsclite.so.1")
+    t = tracer("-q", "-w", tmp_path / "rec")
+    proc = held(stack, ["unshare", "-m", "sh", "-c",
+                        'mount --bind "$0" %s && exec "$1" wait-then-run' % SYSTEM_REAL,
+                        copy, client_bin])
+    wait_attached(t, SYSTEM_REAL)
+    out = release(proc)
+    res = t.stop()
+    # Same path as the system library, another file: attached on its own.
+    assert len(attached_lines(res.stderr, SYSTEM_REAL)) == 1, res.stderr
+    assert calls_of_pid(tmp_path / "rec", proc.pid) == calls_of_client(out)
+
+
+@pytest.fixture(scope="module")
+def linked_in_client(tmp_path_factory):
+    """A program that defines SCard* itself, as one linked with pcsc-lite
+    >= 2.3.1's static libpcsclite.a does (its functions forward to the
+    shared library here: Debian 12 ships no .a)."""
+    out = tmp_path_factory.mktemp("static") / "pcsc_client_linked_in"
+    subprocess.run(["gcc", "-O0", "-g", "-I/usr/include/PCSC", "-o", str(out),
+                    "tests/clients/pcsc_client.c", "tests/clients/forwarder.c",
+                    "-lpcsclite", "-lpthread", "-ldl"], check=True)
+    return str(out)
+
+
+def test_program_with_scard_functions_linked_in(stack, tracer, linked_in_client):
+    # --lib EXECUTABLE: only the program's own SCard* functions are probed.
+    t = tracer("-n", "--lib", linked_in_client)
+    run = stack.run([linked_in_client, "all"])
+    assert run.returncode == 0, run.stderr
+    res = t.stop()
+    assert calls_of(res.stdout) == calls_of_client(run.stdout)
+
+    # -p PID: the program and the library it maps, each call once.
+    proc = held(stack, [linked_in_client, "wait-then-run"])
+    t = tracer("-n", "-p", proc.pid)
+    assert linked_in_client in t.stderr_so_far
+    out = release(proc)
+    res = t.stop()
+    assert calls_of(res.stdout) == calls_of_client(out)
