@@ -12,7 +12,7 @@ text and JSON that show it are built elsewhere (annotate.py, pcsc_text.py).
 - Applications: which application each card handle selected last (VERIFY's
   P2 names a PIV PIN or an OpenPGP password only in its application).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 ISO = "ISO 7816-4"

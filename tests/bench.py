@@ -30,6 +30,10 @@ machine puts on the system's library do not slow these clients down, and
 the probes put here slow down no one else.  --system-lib probes the
 system's file instead.
 
+The Python programs measured (pcsc-ebpf-spy, pcsc-spy's reader) run without
+PYTHONUNBUFFERED and PYTHONDONTWRITEBYTECODE, as a user would run them: an
+unbuffered stdout costs one write() per line.
+
 Everything started here is stopped at the end, also on Ctrl-C or SIGTERM:
 tracers, probes, pcscd, the card, pcsc-spy's reader and its FIFO.
 
@@ -85,6 +89,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# Environment variables removed for the Python programs measured (see above).
+_NOT_INHERITED = ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+
+
+def user_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    env.update(extra)
+    return env
+
+
 def log(message):
     sys.stderr.write("bench: %s\n" % message)
     sys.stderr.flush()
@@ -137,10 +151,11 @@ def _proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _vm_hwm_kib(pid):
+def _vm_kib(pid, field="VmHWM"):
+    """A field of /proc/PID/status, in KiB (VmHWM: peak RSS)."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return None
 
@@ -269,7 +284,8 @@ class TracerRun:
         argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n"]
         with open(self.out_path, "w") as out:
             t0 = time.monotonic()
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=user_env(), stdin=subprocess.DEVNULL,
+                                         stdout=out,
                                          stderr=subprocess.PIPE, text=True,
                                          start_new_session=True, preexec_fn=_die_with_parent)
         self._undo = CLEANUP.push(self.kill)
@@ -286,6 +302,12 @@ class TracerRun:
         for line in self.proc.stderr:
             if not self._ready.is_set() and line.startswith("Tracing"):
                 self._ready_at = time.monotonic()
+                try:   # what starting cost: CPU time, memory
+                    self.at_start = dict(cpu_s=_proc_cpu(self.proc.pid),
+                                         rss_kib=_vm_kib(self.proc.pid, "VmRSS"),
+                                         peak_rss_kib=_vm_kib(self.proc.pid))
+                except OSError:
+                    self.at_start = {}
                 self._ready.set()
             self.err_lines.append(line)
 
@@ -311,7 +333,7 @@ class TracerRun:
 
     def stop(self, fn):
         """SIGINT, wait for the summary; the figures of this run."""
-        hwm = _vm_hwm_kib(self.proc.pid)
+        hwm = _vm_kib(self.proc.pid)
         self.proc.send_signal(signal.SIGINT)
         try:
             code = self.proc.wait(60)
@@ -329,7 +351,9 @@ class TracerRun:
         self.out_path.unlink()
         return dict(shown=counter.of_fn, results=counter.results, lost_events=lost_summary,
                     lost_events_stderr=lost_warned, peak_rss_kib=hwm, exit_status=code,
-                    start_s=self.start_s)
+                    start_s=self.start_s, start_cpu_s=self.at_start.get("cpu_s"),
+                    rss_at_start_kib=self.at_start.get("rss_kib"),
+                    peak_rss_at_start_kib=self.at_start.get("peak_rss_kib"))
 
     def kill(self):
         if self.proc.poll() is None:
@@ -384,7 +408,7 @@ class PcscSpy:
     def __init__(self, workdir):
         self.home = Path(tempfile.mkdtemp(prefix="home-", dir=workdir))
         self.fifo = self.home / "pcsc-spy"
-        self.reader = subprocess.Popen([PCSC_SPY, "-n"], env=dict(os.environ, HOME=str(self.home)),
+        self.reader = subprocess.Popen([PCSC_SPY, "-n"], env=user_env(HOME=str(self.home)),
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True,
                                        start_new_session=True, preexec_fn=_die_with_parent)
@@ -501,21 +525,27 @@ class Bench:
 
     def transmit(self):
         n, pairs = self.c["loop_calls"], self.c["loop_pairs"]
-        untraced, traced, shown, lost = [], [], [], []
+        wall = {"untraced": [], "traced": []}
+        cpu = {"untraced": [], "traced": []}
+        shown, lost = [], []
         for i in range(pairs):
             for which in (("untraced", "traced") if i % 2 == 0 else ("traced", "untraced")):
                 if which == "untraced":
-                    us, _ = self._untraced("loop", n)
-                    untraced.append(us)
+                    us, cpu_us = self._untraced("loop", n)
                 else:
-                    (us, _), run = self._traced("loop", n, "transmit")
-                    traced.append(us)
+                    (us, cpu_us), run = self._traced("loop", n, "transmit")
                     shown.append(run["shown"])
                     lost.append(run["lost_events"])
-                log("transmit pair %d/%d: %-8s %8.1f us/call" % (i + 1, pairs, which, us))
-        u, t = median(untraced), median(traced)
+                wall[which].append(us)
+                cpu[which].append(cpu_us)
+                log("transmit pair %d/%d: %-8s %8.1f us/call (client CPU %.1f us/call)"
+                    % (i + 1, pairs, which, us, cpu_us))
+        u, t = median(wall["untraced"]), median(wall["traced"])
         return dict(calls=n, pairs=pairs, untraced_us_per_call=u, traced_us_per_call=t,
-                    ratio=t / u, runs_untraced=untraced, runs_traced=traced,
+                    ratio=t / u, runs_untraced=wall["untraced"], runs_traced=wall["traced"],
+                    untraced_client_cpu_us_per_call=median(cpu["untraced"]),
+                    traced_client_cpu_us_per_call=median(cpu["traced"]),
+                    runs_untraced_client_cpu=cpu["untraced"], runs_traced_client_cpu=cpu["traced"],
                     tracer_shown=shown, tracer_lost_events=lost)
 
     def burst(self):

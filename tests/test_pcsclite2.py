@@ -34,7 +34,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -42,7 +42,7 @@ import spy_reference as ref
 import trixie
 from test_conformance import (label_cancel_hcontext, mask_connect_phcard,
                               mask_free_memory_pvmem, parse_calls, spell_scardcontrol)
-from tracer import Tracer
+from tracer import Tracer, run_tracer
 
 FUNCTIONS = {
     "SCardEstablishContext", "SCardReleaseContext", "SCardIsValidContext", "SCardConnect",
@@ -70,60 +70,96 @@ def client2(stack2, client_bin):
 class Run:
     client_stdout: str
     client_pid: int
-    ours: str            # the tracer's stdout
-    ours_stderr: str
+    ours: str = ""       # the tracer's stdout
+    ours_stderr: str = ""
     raw: str = ""        # libpcscspy's log (spy run)
     spy: str = ""        # 2.3.3's pcsc-spy -n -d on it
     spy_stderr: str = ""
+    maps: Tuple[str, ...] = ()   # running: its pcsc-lite libraries when the tracer started
+    error: Optional[str] = None  # running: the tracer did not start
 
 
 @dataclass
 class Runs:
     plain: Run
     spy: Run
+    running: Run
+
+
+def pcsc_maps(pid: int) -> Tuple[str, ...]:
+    """The file names of the pcsc-lite libraries process pid maps."""
+    with open("/proc/%d/maps" % pid) as f:
+        paths = {line.split(None, 5)[5].strip() for line in f if len(line.split()) == 6}
+    return tuple(sorted(os.path.basename(p) for p in paths if "/libpcsc" in p))
 
 
 @pytest.fixture(scope="module")
 def runs(stack2, client2):
+    """The three runs of `all`, their tracers started together, then stopped together:
+
+    - plain: held before exec, `-n -d -p PID`;
+    - spy: held before exec, LIBPCSCLITE_DELEGATE=libpcscspy.so.0 with its FIFO read,
+      `-n -d --spy-format 2.2 -p PID`; its raw log rendered by 2.3.3's pcsc-spy -n -d;
+    - running: `wait-then-run`, already running (it maps the root's libpcsclite.so.1 and
+      waits on stdin) when its tracer `-n -d -p PID` starts; a tracer that fails to start
+      here is recorded (Run.error), for its test to report."""
     fifo_dir = stack2.tmpdir / "spy-home"          # the root's /tmp/spy-home
     fifo_dir.mkdir()
     fifo = fifo_dir / ref.FIFO_NAME
     os.mkfifo(fifo)
     raw_path = stack2.tmpdir / "raw.log"
     spy_env = {"LIBPCSCLITE_DELEGATE": trixie.SPY_LIBRARY, "HOME": "/tmp/spy-home"}
-    held, tracers, reader = [], [], None
+    held, tracers, reader, running = [], {}, None, None
     try:
         held = [stack2.popen_waiting([client2, "all"]),
                 stack2.popen_waiting([client2, "all"], env=spy_env)]
-        args = [("-n", "-d", "-p", held[0].pid),
-                ("-n", "-d", "--spy-format", "2.2", "-p", held[1].pid)]
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(Tracer, *a) for a in args]
-            for f in futures:
+        running = subprocess.Popen(stack2.command([client2, "wait-then-run"]),
+                                   env=stack2.env(), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert running.stdout.readline() == "ready\n"
+        running_maps = pcsc_maps(running.pid)
+        args = {"plain": ("-n", "-d", "-p", held[0].pid),
+                "spy": ("-n", "-d", "--spy-format", "2.2", "-p", held[1].pid),
+                "running": ("-n", "-d", "-p", running.pid)}
+        errors = {}
+        with ThreadPoolExecutor(len(args)) as pool:
+            futures = {name: pool.submit(Tracer, *a) for name, a in args.items()}
+            for name, f in futures.items():
                 try:
-                    tracers.append(f.result())
-                except Exception:
-                    pass
-            if len(tracers) < 2:
-                futures[len(tracers)].result()          # raise its error
+                    tracers[name] = f.result()
+                except Exception as e:
+                    errors[name] = str(e)
+        for name in ("plain", "spy"):
+            if name in errors:
+                raise RuntimeError("%s: %s" % (name, errors[name]))
         with open(raw_path, "wb") as out:
             # 2.3.3's pcsc-spy would read the FIFO; cat keeps the raw log
             reader = subprocess.Popen(["cat", str(fifo)], stdout=out, stdin=subprocess.DEVNULL)
         outs = [h.release() for h in held]
-        with ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(lambda t: t.stop(), tracers))
+        running_out, running_err = running.communicate("go\n", timeout=60)
+        assert running.returncode == 0, running_err
+        names = list(tracers)
+        with ThreadPoolExecutor(len(names)) as pool:
+            results = dict(zip(names, pool.map(lambda n: tracers[n].stop(), names)))
         ref._stop_reader(reader, fifo)
         raw = raw_path.read_text(encoding="utf-8", errors="surrogateescape")
         rendered = stack2.run([trixie.ROOT_PYTHON, trixie.PCSC_SPY, "-n", "-d", "/tmp/raw.log"],
                               timeout=120)
-        plain = Run(outs[0], held[0].pid, results[0].stdout, results[0].stderr)
-        spy = Run(outs[1], held[1].pid, results[1].stdout, results[1].stderr, raw,
+        plain = Run(outs[0], held[0].pid, results["plain"].stdout, results["plain"].stderr)
+        spy = Run(outs[1], held[1].pid, results["spy"].stdout, results["spy"].stderr, raw,
                   rendered.stdout, rendered.stderr)
-        return Runs(plain, spy)
+        r = results.get("running")
+        run = Run(running_out.replace("ready\n", "", 1), running.pid,
+                  r.stdout if r else "", r.stderr if r else "", maps=running_maps,
+                  error=errors.get("running"))
+        return Runs(plain, spy, run)
     finally:
         for h in held:
             h.kill()
-        for t in tracers:
+        if running is not None and running.poll() is None:
+            running.kill()
+            running.communicate()
+        for t in tracers.values():
             t.kill()
         if reader is not None and reader.poll() is None:
             reader.kill()
@@ -249,7 +285,7 @@ def test_root_is_pcsc_lite_2_3_3(stack2):
     assert redirect.stat().st_size < real.stat().st_size / 2
 
 
-def mapped_pcsc_libraries(stack2, client2, env=None) -> List[str]:
+def mapped_pcsc_libraries(stack2, client2, env=None) -> Tuple[str, ...]:
     """The pcsc-lite libraries a client in the root maps after its first call (`sleep`
     scenario: one call, then a pause)."""
     proc = subprocess.Popen(stack2.command([client2, "sleep", "3000"]),
@@ -258,19 +294,17 @@ def mapped_pcsc_libraries(stack2, client2, env=None) -> List[str]:
     try:
         first = proc.stdout.readline()
         assert first == "SCardEstablishContext rv=0x00000000\n", (first, proc.stderr.read())
-        with open("/proc/%d/maps" % proc.pid) as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split()) == 6}
-        return sorted(os.path.basename(p) for p in paths if "libpcsc" in p)
+        return pcsc_maps(proc.pid)
     finally:
         proc.kill()
         proc.communicate()
 
 
 def test_redirect_loads_the_real_library_or_the_delegate(stack2, client2):
-    assert mapped_pcsc_libraries(stack2, client2) == ["libpcsclite.so.1",
-                                                      "libpcsclite_real.so.1"]
+    assert mapped_pcsc_libraries(stack2, client2) == ("libpcsclite.so.1",
+                                                      "libpcsclite_real.so.1")
     assert mapped_pcsc_libraries(stack2, client2, {"LIBPCSCLITE_DELEGATE": trixie.SPY_LIBRARY}) \
-        == ["libpcsclite.so.1", "libpcsclite_real.so.1", "libpcscspy.so.0"]
+        == ("libpcsclite.so.1", "libpcsclite_real.so.1", "libpcscspy.so.0")
 
 
 # -- our tracer on 2.3.3 --------------------------------------------------------------
@@ -304,6 +338,23 @@ def test_delegate_chain_one_entry_per_call(runs):
     assert_same_lines(ours, to_2_2_results(plain), "with the delegate vs without")
     assert [t.calls for t in ref.summary_counts(summary)] == \
         [t.calls for t in ref.summary_counts(plain_summary)]
+    no_losses(run)
+
+
+def test_attach_to_running_client_in_root(runs):
+    """-p on a client of the root that is already running: it maps the root's
+    libpcsclite.so.1 (its /proc/PID/maps names it by its path on the host,
+    /var/cache/.../trixie-root/usr/lib/..., not as the process sees it), and loads
+    libpcsclite_real.so.1 at its first call, after the tracer started. Every call once."""
+    run = runs.running
+    assert run.maps == ("libpcsclite.so.1",)
+    assert run.error is None, run.error
+    expected = client_calls(run.client_stdout)
+    assert len(expected) == 27 and {f for f, _ in expected} == FUNCTIONS
+    assert text_calls(run.ours) == expected, run.ours_stderr
+    ours, _ = ref.split_summary(run.ours)
+    plain, _ = ref.split_summary(runs.plain.ours)
+    assert_same_lines(ours, plain, "attached while running vs held before exec")
     no_losses(run)
 
 
@@ -351,6 +402,27 @@ def test_pcsc_spy_2_3_3_differences_still_there(runs):
         " o bRecvLength 0x00000000 (0)", " o bRecvBuffer", " o  NULL"]
     for undo in NORMALISE_2_3_3:
         assert undo(spy_calls) != spy_calls, undo.__name__
+
+
+def test_read_pcsc_spy_2_3_3_raw_log(runs, tmp_path):
+    """-r on libpcscspy 2.3.3's raw log: pcsc-lite >= 2.2 logs a call's return as
+    `<|sec|usec|FUNCTION|0xRV` (1.9.9: `<|sec|usec|FUNCTION|TEXT|0xRV`). With
+    --spy-format 2.2 the text is 2.3.3's pcsc-spy's on the same log, but for the
+    documented differences (§1, §2, §5; a log's buffers are printed as logged, so the
+    NULL of a failed call's buffer stays), and so is the summary, timings included
+    (they are the log's)."""
+    raw = tmp_path / "raw.log"
+    raw.write_text(runs.spy.raw, encoding="utf-8", errors="surrogateescape")
+    r = run_tracer("-r", raw, "-n", "-d", "--spy-format", "2.2")
+    assert r.returncode == 0, r.stderr
+    ours, summary = ref.split_summary(r.stdout)
+    spy_calls, spy_summary = ref.split_summary(runs.spy.spy)
+    expected = spy_calls
+    for undo in (spell_scardcontrol, label_cancel_hcontext, mask_connect_phcard,
+                 mask_free_memory_pvmem):
+        expected = undo(expected)
+    assert_same_lines(ours, expected, "-r on the 2.3.3 raw log vs 2.3.3's pcsc-spy")
+    assert_same_lines(summary, spy_summary, "-r on the 2.3.3 raw log: the summary")
 
 
 # -- the stack itself -------------------------------------------------------------------

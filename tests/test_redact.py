@@ -11,9 +11,7 @@ with --apdu --redact as text, --json and -w; and a recording made without
 """
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
