@@ -11,9 +11,8 @@ import re
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import layout as L
-from .targets import Library
+from .targets import LIBPCSCLITE_FILE, Library
 
-_PCSCLITE = re.compile(r"/libpcsclite(_real)?\.so[.\d]*$")
 _LOADER = re.compile(r"/ld-linux[-\w.]*\.so[.\d]*$")
 
 
@@ -50,6 +49,18 @@ def reachable(pid: int, path: str, dev: str, ino: int) -> str:
     except (OSError, ValueError):
         pass
     return "/proc/%d/root%s" % (pid, path)
+
+
+def as_seen_by(pid: int, path: str) -> str:
+    """A mapped path as the process names it: /proc/PID/maps gives a chrooted
+    process's files as seen from the tracer's root."""
+    try:
+        root = os.readlink("/proc/%d/root" % pid)
+    except OSError:
+        return path
+    if root != "/" and path.startswith(root + "/"):
+        return path[len(root):]
+    return path
 
 
 def pcsclite_version(pid: int, cache: Dict[str, Optional[str]]) -> Optional[str]:
@@ -108,9 +119,9 @@ class Discovery:
                 if (dev, ino) not in self._loaders:
                     self._loaders.add((dev, ino))
                     self.capture.attach_loader(reachable(pid, path, dev, ino))
-            elif _PCSCLITE.search(path) and (dev, ino) not in self._images:
+            elif LIBPCSCLITE_FILE.search(path) and (dev, ino) not in self._images:
                 self._images.add((dev, ino))
-                lib = Library(reachable(pid, path, dev, ino), path, pid)
+                lib = Library(reachable(pid, path, dev, ino), as_seen_by(pid, path), pid)
                 new.append(lib)
                 if self.capture.attach_library(lib) and not quiet:
                     self.announce(self.describe(lib))

@@ -78,7 +78,7 @@ from .calls import Call, Captured, Phase, ReaderState
 from .functions import BY_NAME
 
 _ENTER = re.compile(r">\|(\d+)\|(\d+)\|(\w+)\Z")
-_RETURN = re.compile(r"<\|(\d+)\|(\d+)\|(\w+)\|(.*)\|0x([0-9A-Fa-f]+)\Z")
+_RETURN = re.compile(r"<\|(\d+)\|(\d+)\|(\w+)\|(?:(.*)\|)?0x([0-9A-Fa-f]+)\Z")  # >= 2.2: no text
 _FIRST = re.compile(r"[0-9A-Fa-f]+@>\|\d+\|\d+\|SCard\w+\r?\n?\Z")
 _THREAD = re.compile(r"[0-9A-Fa-f]+\Z")
 _NUMBER = re.compile(r"0x[0-9A-Fa-f]+\Z")

@@ -9,7 +9,8 @@ from typing import Iterable, List, Optional
 from .errors import SpyError
 
 LIBRARY_NAME = "libpcsclite.so.1"
-_MAPPED = re.compile(r"/libpcsclite(_real)?\.so[.\d]*$")
+# A libpcsclite image (pcsc-lite >= 2.1 also maps libpcsclite_real.so.1).
+LIBPCSCLITE_FILE = re.compile(r"/libpcsclite(_real)?\.so[.\d]*$")
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64",
             "/usr/lib", "/lib64", "/lib", "/usr/local/lib")
 
@@ -43,33 +44,16 @@ def system_library(root: str = "/") -> str:
                    "install libpcsclite1 (sudo apt-get install libpcsclite1) or use --lib PATH")
 
 
-def mapped_libraries(pid: int) -> List[str]:
-    """The libpcsclite files process pid maps, as it names them."""
-    paths = []
-    try:
-        with open("/proc/%d/maps" % pid) as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6:
-                    path = parts[5].strip()
-                    if _MAPPED.search(path) and path not in paths:
-                        paths.append(path)
-    except FileNotFoundError:
-        raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
-    except PermissionError:
-        raise SpyError("cannot read /proc/%d/maps" % pid, "run as root (sudo)")
-    return paths
-
-
 def for_pids(pids: Iterable[int]) -> List[Library]:
     libs = []
     for pid in pids:
         if pid <= 0 or not os.path.isdir("/proc/%d" % pid):
             raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
         root = "/proc/%d/root" % pid
-        mapped = mapped_libraries(pid)
+        from .discovery import maps, reachable, as_seen_by
+        found = [Library(reachable(pid, path, dev, ino), as_seen_by(pid, path), pid)
+                 for dev, ino, path in maps(pid) if LIBPCSCLITE_FILE.search(path)]
         exe = "/proc/%d/exe" % pid
-        found = [Library(root + p, p, pid) for p in mapped]
         if exported_functions(exe):
             # libpcsclite linked into the program (pcsc-lite >= 2.3.1 ships a .a)
             found.insert(0, Library(exe, os.readlink(exe), pid))

@@ -280,6 +280,7 @@ class TracerRun:
     def __init__(self, pid, lib, workdir, tag):
         self.out_path = Path(workdir) / ("trace-%s.txt" % tag)
         self.err_lines = []
+        self.at_start = {}
         self._ready = threading.Event()
         argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n"]
         with open(self.out_path, "w") as out:
@@ -611,52 +612,63 @@ def table(res):
     from tabulate import tabulate
     tabulate_module.PRESERVE_WHITESPACE = True   # the indented rows
     iv = res["isvalid"]
+    ivr = res["isvalid_runs"]
     tr = res["transmit"]
     burst = res["burst"]
     st = res["startup"]
+    tracer = res["tracer"]
     tg = {t["name"]: t for t in res["targets"]}
-
-    def target(name):
-        t = tg[name]
-        return t["target"], verdict(t["ok"])
 
     def f(x, spec):
         return format(x, spec) if x is not None else "-"
 
-    n = res["isvalid_runs"]["calls"]
-    rounds = res["isvalid_runs"]["rounds"]
-    shown = res["isvalid_runs"]["tracer_shown"]
-    lost = res["isvalid_runs"]["tracer_lost_events"]
+    def row(label, figure="", cpu="", target=None):
+        if target is None:
+            return [label, figure, cpu, "", ""]
+        t = tg[target]
+        return [label, figure, cpu, t["target"], verdict(t["ok"])]
+
+    def variant(label, key):
+        return row(label, f(iv[key]["us_per_call"], ".3f"), f(iv[key]["client_cpu_us_per_call"], ".3f"))
+
     rows = [
-        ["SCardIsValidContext, µs/call (median of %d x %d calls)" % (rounds, n), "", "", ""],
-        ["  untraced", f(iv["untraced"]["us_per_call"], ".3f"), "", ""],
-        ["  floor: empty uprobe+uretprobe", f(iv["floor"]["us_per_call"], ".3f"), "", ""],
-        ["  pcsc-spy (LD_PRELOAD, reader running)", f(iv["pcsc-spy"]["us_per_call"], ".3f"), "", ""],
-        ["  pcsc-ebpf-spy", f(iv["pcsc-ebpf-spy"]["us_per_call"], ".3f"), "", ""],
-        ["    x floor", f(tg["isvalid: pcsc-ebpf-spy / floor"]["value"], ".2f"),
-         *target("isvalid: pcsc-ebpf-spy / floor")],
-        ["    x pcsc-spy", f(tg["isvalid: pcsc-ebpf-spy / pcsc-spy"]["value"], ".2f"),
-         *target("isvalid: pcsc-ebpf-spy / pcsc-spy")],
-        ["    calls shown / events lost per run",
-         " ".join("%d/%d" % (s, l) for s, l in zip(shown, lost)), "", ""],
-        ["SCardTransmit, µs/call (median of %d pairs x %d calls)" % (tr["pairs"], tr["calls"]),
-         "", "", ""],
-        ["  untraced", f(tr["untraced_us_per_call"], ".1f"), "", ""],
-        ["  pcsc-ebpf-spy", f(tr["traced_us_per_call"], ".1f"), "", ""],
-        ["    traced / untraced", f(tr["ratio"], ".3f"), *target("SCardTransmit: traced / untraced")],
-        ["Burst of %d SCardIsValidContext" % burst["calls"], "", "", ""],
-        ["  calls shown", "%d" % burst["shown"], "", ""],
-        ["  calls lost", "%d" % (burst["calls"] - burst["shown"]), *target("burst: calls lost")],
-        ["  events lost (tracer's count)", "%d" % burst["lost_events"], "", ""],
-        ["pcsc-ebpf-spy itself", "", "", ""],
-        ["  start to Tracing, s (median of %d starts)" % len(st["runs_s"]), f(st["median_s"], ".2f"),
-         *target("start to Tracing (s)")],
-        ["  peak RSS, MiB (VmHWM, burst run)", f(res["tracer"]["peak_rss_kib"] / 1024, ".1f"), "", ""],
-        ["  CPU ms per 1,000 calls (burst run)", f(res["tracer"]["cpu_ms_per_1000_calls"], ".1f"),
-         "", ""],
+        row("SCardIsValidContext, µs/call (median of %d x %d calls)" % (ivr["rounds"], ivr["calls"])),
+        variant("  untraced", "untraced"),
+        variant("  floor: empty uprobe+uretprobe", "floor"),
+        variant("  pcsc-spy (LD_PRELOAD, reader running)", "pcsc-spy"),
+        variant("  pcsc-ebpf-spy", "pcsc-ebpf-spy"),
+        row("    x floor", f(tg["isvalid: pcsc-ebpf-spy / floor"]["value"], ".2f"),
+            target="isvalid: pcsc-ebpf-spy / floor"),
+        row("    x pcsc-spy", f(tg["isvalid: pcsc-ebpf-spy / pcsc-spy"]["value"], ".2f"),
+            target="isvalid: pcsc-ebpf-spy / pcsc-spy"),
+        row("    runs that lost events (most lost)",
+            "%d of %d (%d)" % (sum(1 for x in ivr["tracer_lost_events"] if x),
+                               len(ivr["tracer_lost_events"]), max(ivr["tracer_lost_events"]))),
+        row("SCardTransmit, µs/call (median of %d pairs x %d calls)" % (tr["pairs"], tr["calls"])),
+        row("  untraced", f(tr["untraced_us_per_call"], ".1f"),
+            f(tr["untraced_client_cpu_us_per_call"], ".1f")),
+        row("  pcsc-ebpf-spy", f(tr["traced_us_per_call"], ".1f"),
+            f(tr["traced_client_cpu_us_per_call"], ".1f")),
+        row("    traced / untraced", f(tr["ratio"], ".3f"), target="SCardTransmit: traced / untraced"),
+        row("Burst of %d SCardIsValidContext (full speed, traced)" % burst["calls"]),
+        row("  calls shown", "%d" % burst["shown"]),
+        row("  calls lost", "%d" % (burst["calls"] - burst["shown"]), target="burst: calls lost"),
+        row("  events lost (the tracer's count)", "%d" % burst["lost_events"]),
+        row("pcsc-ebpf-spy itself"),
+        row("  start to Tracing, s (median of %d starts; CPU: its own)" % len(st["runs_s"]),
+            f(st["median_s"], ".2f"),
+            f(st["median_cpu_s"], ".2f"), target="start to Tracing (s)"),
+        row("  peak RSS, MiB (VmHWM; at the Tracing line)",
+            "%s (%s)" % (f(_mib(tracer["peak_rss_kib"]), ".1f"),
+                         f(_mib(tracer["peak_rss_at_start_kib"]), ".1f"))),
+        row("  CPU time per 1,000 calls, ms (burst)", f(tracer["cpu_ms_per_1000_calls"], ".1f")),
     ]
-    return tabulate(rows, headers=["measurement", "figure", "target", "result"],
+    return tabulate(rows, headers=["measurement", "figure", "CPU", "target", "result"],
                     tablefmt="simple", disable_numparse=True)
+
+
+def _mib(kib):
+    return kib / 1024 if kib is not None else None
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -684,13 +696,18 @@ def main(argv=None):
     if os.geteuid() != 0:
         ap.error("needs root (eBPF, mount namespaces): sudo %s" % " ".join(sys.argv))
     counts = QUICK if args.quick else FULL
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupt)
     try:
         return _bench(args, counts)
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
         return 130
     finally:
+        # Cleaning up is not to be interrupted (every step has a timeout).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         CLEANUP.run()
 
 
@@ -721,13 +738,20 @@ def _bench(args, counts):
     res["isvalid"], res["isvalid_runs"] = bench.isvalid()
     res["transmit"] = bench.transmit()
     res["burst"] = bench.burst()
-    starts = [t["start_s"] for t in bench.tracer_runs]
-    res["startup"] = dict(median_s=median(starts), runs_s=starts)
-    burst_run = bench.tracer_runs[-1]
-    res["tracer"] = dict(peak_rss_kib=burst_run["peak_rss_kib"],
-                         cpu_ms_per_1000_calls=burst_run["tracer_cpu_ms_per_1000_calls"],
-                         peak_rss_kib_all_runs=[t["peak_rss_kib"] for t in bench.tracer_runs],
-                         runs=bench.tracer_runs)
+    runs = bench.tracer_runs
+    starts = [t["start_s"] for t in runs]
+    start_cpu = [t["start_cpu_s"] for t in runs if t["start_cpu_s"] is not None]
+    res["startup"] = dict(median_s=median(starts), runs_s=starts,
+                          median_cpu_s=median(start_cpu), runs_cpu_s=start_cpu)
+    burst_run = runs[-1]
+    res["tracer"] = dict(
+        peak_rss_kib=burst_run["peak_rss_kib"],
+        peak_rss_at_start_kib=burst_run["peak_rss_at_start_kib"],
+        rss_at_start_kib=burst_run["rss_at_start_kib"],
+        cpu_ms_per_1000_calls=burst_run["tracer_cpu_ms_per_1000_calls"],
+        cpu_ms_per_1000_calls_isvalid_runs=median(
+            [t["tracer_cpu_ms_per_1000_calls"] for t in runs if t["kind"] == "isvalid"]),
+        runs=runs)
     res["targets"] = targets(res)
     info["loadavg_end"] = os.getloadavg()
     res["duration_s"] = time.monotonic() - t0

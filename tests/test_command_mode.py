@@ -209,10 +209,11 @@ def test_sigterm_to_the_tracer_goes_to_the_command(stack, client_bin, tracer, tm
 # -- a command that cannot run ------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, why", [
-    (["/nonexistent/command", "arg"], "No such file or directory"),
-    (["no-such-command-pcsc-spy"], "No such file or directory"),
-    (["/etc/passwd"], "Permission denied"),
-], ids=["path", "PATH lookup", "not executable"])
+    (["/nonexistent/command", "arg"], "not found|No such file or directory"),
+    (["no-such-command-pcsc-spy"], "not found|No such file or directory"),
+    (["/etc/passwd"], "not executable|Permission denied"),
+    (["/tmp"], "not executable|Permission denied|Is a directory"),
+], ids=["path", "PATH lookup", "not executable", "directory"])
 def test_command_that_cannot_run(stack, argv, why):
     """One line on stderr, exit 2, like any bad input (tests/test_cli_errors.py)."""
     res = spy(stack, "-n", "--", *argv)

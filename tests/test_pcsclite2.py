@@ -9,21 +9,26 @@ calls libpcsclite_real.so.1. So one application call runs through two (real) or 
 once, with the application's arguments.
 
 The C client (tests/clients/pcsc_client.c, built on the host, run chrooted in the root
-against the root's libraries and its pcscd) runs `all` twice:
+against the root's libraries and its pcscd) runs `all` three times, in the module fixture
+`runs` (a tracer takes seconds to start and to stop: the three tracers are started
+together, then stopped together):
 
-- `plain`: traced with `-n -d -p PID`;
-- `spy`: with LIBPCSCLITE_DELEGATE=libpcscspy.so.0 (2.3.3's pcsc-spy, raw log read from its
-  FIFO, rendered by the root's pcsc-spy -n -d) and, at the same time, traced with
-  `-n -d --spy-format 2.2 -p PID` (2.2+'s result lines, which 2.3.3's pcsc-spy prints).
-
-Both run in the module fixture `runs` (a tracer takes seconds to start and to stop: the two
-are started and stopped together). The client is held before its exec, already chrooted,
-so -p finds the root's library through /proc/PID/root before the first call.
+- `plain`: held before its exec (already chrooted, so -p finds the root's library through
+  /proc/PID/root before the first call), traced with `-n -d -p PID`;
+- `spy`: the same with LIBPCSCLITE_DELEGATE=libpcscspy.so.0 (2.3.3's pcsc-spy; its raw log
+  read from the FIFO, rendered by the root's pcsc-spy -n -d) and, at the same time, traced
+  with `-n -d --spy-format 2.2 -p PID` (2.2+'s result lines, which 2.3.3's pcsc-spy prints);
+- `running`: `wait-then-run`, already running (it maps the root's libpcsclite.so.1) when
+  its tracer `-n -d -p PID` starts.
 
 The full-text comparison undoes, on pcsc-spy's side, the differences that
 docs/differences-from-pcsc-spy.md lists (the named functions of test_conformance.py) and
 one that is new in pcsc-lite 2.x (`null_of_empty_failed_buffer`, below). Any other
-difference fails.
+difference fails. `-r` on 2.3.3's raw log is compared with 2.3.3's pcsc-spy too.
+
+The root is built once per machine (tests/trixie.py: ~40 s, ~200 MB, kept in
+/var/cache/pcsc-ebpf-spy/trixie-root); after that the module takes ~30 s, mostly the tracers'
+start and stop.
 """
 import difflib
 import os

@@ -13,13 +13,14 @@ the client library's shape: libpcsclite.so.1 is a small redirect that dlopen()s
 libpcsclite_real.so.1 (or the library named by LIBPCSCLITE_DELEGATE, e.g. pcsc-spy's
 libpcscspy.so.0, which itself dlopen()s libpcsclite_real.so.1).
 
-The root (ROOT_DIR, ~400 MB) is built by `debootstrap --variant=minbase trixie` plus
+The root (ROOT_DIR, ~200 MB) is built by `debootstrap --variant=minbase trixie` plus
 `apt-get install --no-install-recommends` of PACKAGES (pcscd, libpcsclite1, libpcsclite-dev,
 vsmartcard-vpcd, python3 for pcsc-spy and tests/pcsc_ctypes_client.py). It is built in a
 temporary directory, marked complete (MARKER, holding RECIPE) and renamed into place, all
 under a lock file: an interrupted build is redone, two test runs never build it twice, a
 change of RECIPE rebuilds it. debootstrap and apt run in a private mount namespace, so the
-mounts they make (/proc, /sys) never outlive them, even when they are killed. The stack
+mounts they make (/proc, /sys) never outlive them, and in a private PID namespace, so no
+process of an interrupted build survives it. The stack
 never writes into the root: everything it changes is mounted over it in its own namespace.
 
 How a stack is private (nothing on the machine is disturbed, other stacks may run):
@@ -35,7 +36,6 @@ host's: the virtual card (tests/vcard.py, run by the host's /usr/bin/python3) re
 import atexit
 import fcntl
 import os
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -129,7 +129,7 @@ shift 4
 # No service is started by a package's scripts (there is no init in the root anyway).
 printf '#!/bin/sh\nexit 101\n' > "$R/usr/sbin/policy-rc.d"
 chmod 755 "$R/usr/sbin/policy-rc.d"
-mount --bind /proc "$R/proc"
+mount -t proc proc "$R/proc"
 chroot "$R" apt-get update -q
 chroot "$R" apt-get install -y -q --no-install-recommends "$@"
 chroot "$R" apt-get clean
@@ -150,18 +150,26 @@ def _build_root(log):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root",
            "DEBIAN_FRONTEND": "noninteractive"}
     with open(BUILD_LOG, "w") as out:
+        proc = None
         try:
-            # A private mount namespace: the /proc (and debootstrap's own /proc, /sys)
-            # mounts die with it, also when the build is killed.
-            subprocess.run(["unshare", "-m", "sh", "-c", _BUILD_SCRIPT, "sh", str(tmp),
-                            debootstrap, SUITE, MIRROR, *PACKAGES],
-                           stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                           env=env, check=True, timeout=BUILD_TIMEOUT,
-                           preexec_fn=_die_with_parent)
+            # Private mount and PID namespaces: the mounts (/proc here, debootstrap's own
+            # /proc and /sys) die with them, and so does every process of the build when
+            # unshare dies (--kill-child: its child is the namespace's init), also when
+            # this process is killed (PDEATHSIG on unshare).
+            proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child",
+                                     "sh", "-c", _BUILD_SCRIPT, "sh", str(tmp), debootstrap,
+                                     SUITE, MIRROR, *PACKAGES],
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+            if proc.wait(timeout=BUILD_TIMEOUT) != 0:
+                raise RuntimeError("exit status %d" % proc.returncode)
             missing = [p for p in _EXPECTED_FILES if not os.path.lexists(str(tmp) + p)]
             if missing:
                 raise RuntimeError("the built root lacks %s" % ", ".join(missing))
         except BaseException as e:
+            if proc is not None and proc.poll() is None:
+                _terminate(proc, grace=10)
             _remove_tree(tmp)
             try:
                 tail = BUILD_LOG.read_text(errors="replace")[-3000:]
@@ -409,7 +417,3 @@ def mounts_under(path):
             if point == path or point.startswith(path + "/"):
                 found.append(point)
     return found
-
-
-def shell_line(argv):
-    return " ".join(shlex.quote(str(a)) for a in argv)

@@ -1,0 +1,74 @@
+"""tests/bench.py really runs (tiny counts): it prints its whole table and
+writes its JSON.  No timing is checked: the benchmark gives figures, and
+`make bench` is where they are read."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+ROWS = [
+    "SCardIsValidContext, µs/call",
+    "  untraced",
+    "  floor: empty uprobe+uretprobe",
+    "  pcsc-spy (LD_PRELOAD, reader running)",
+    "  pcsc-ebpf-spy",
+    "    x floor",
+    "    x pcsc-spy",
+    "SCardTransmit, µs/call",
+    "    traced / untraced",
+    "Burst of",
+    "  calls shown",
+    "  calls lost",
+    "  events lost",
+    "  start to Tracing, s",
+    "  peak RSS, MiB",
+    "  CPU time per 1,000 calls, ms",
+]
+
+TARGETS = ["isvalid: pcsc-ebpf-spy / floor", "isvalid: pcsc-ebpf-spy / pcsc-spy",
+           "SCardTransmit: traced / untraced", "burst: calls lost", "start to Tracing (s)"]
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(TESTS / "bench.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("measurement"))
+    assert lines[header].split() == ["measurement", "figure", "CPU", "target", "result"]
+    body = lines[header + 2:]
+    for label in ROWS:
+        assert any(line.startswith(label) for line in body), (label, p.stdout)
+    # one PASS/MISS per target
+    verdicts = [line.split()[-1] for line in body if line.rstrip().endswith(("PASS", "MISS"))]
+    assert len(verdicts) == len(TARGETS), p.stdout
+
+    res = json.loads(out.read_text())
+    for key in ("kernel", "cpu", "cores", "date"):
+        assert res["machine"][key], key
+    for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-spy"):
+        assert _number(res["isvalid"][variant]["us_per_call"]), variant
+        assert res["isvalid"][variant]["us_per_call"] > 0, variant
+    tr = res["transmit"]
+    assert _number(tr["untraced_us_per_call"]) and _number(tr["traced_us_per_call"])
+    assert _number(tr["ratio"])
+    burst = res["burst"]
+    assert burst["calls"] == res["counts"]["burst_calls"]
+    assert 0 <= burst["shown"] <= burst["calls"]
+    assert isinstance(burst["lost_events"], int)
+    assert _number(res["startup"]["median_s"])
+    assert _number(res["tracer"]["peak_rss_kib"]) and res["tracer"]["peak_rss_kib"] > 0
+    assert _number(res["tracer"]["cpu_ms_per_1000_calls"])
+    assert [t["name"] for t in res["targets"]] == TARGETS
+    for t in res["targets"]:
+        assert _number(t["value"]) and isinstance(t["ok"], bool), t
+    # every tracer run ended by itself on SIGINT, with its summary
+    assert all(run["exit_status"] == 0 for run in res["tracer"]["runs"])
