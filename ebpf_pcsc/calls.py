@@ -79,6 +79,10 @@ class Call:
     rv: Optional[int] = None
     ret_ts: Optional[int] = None
     aborted: bool = False
+    # The order in which the outputs met the call's start and end: a replay
+    # follows it (the perf buffers of two CPUs can deliver a few ms apart).
+    entry_seq: Optional[int] = None
+    return_seq: Optional[int] = None
 
     @property
     def name(self) -> str:

@@ -31,6 +31,8 @@ def _summary_format(ctx, param, value):
 @click.option("-w", "--write", metavar="FILE", help="Record every call, losslessly, to FILE (JSON Lines, mode 0600).")
 @click.option("-r", "--read", metavar="FILE",
               help="Render FILE (a -w recording or a libpcscspy log) instead of tracing.")
+@click.option("-o", "--output", metavar="FILE",
+              help="Write the trace to FILE instead of stdout (COMMAND keeps stdout).")
 @click.option("-q", "--quiet", is_flag=True, help="No live trace (with -w, --expect).")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout instead of text.")
 @click.option("--expect", metavar="GOLDEN",
@@ -48,7 +50,7 @@ def _summary_format(ctx, param, value):
                    "[default: /usr/share/pcsc/smartcard_list.txt].")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
-def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, read, quiet, as_json, expect,
+def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, output, read, quiet, as_json, expect,
             summary, summary_format, apdu, redact, smartcard_list, command):
     """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does.
 
@@ -57,14 +59,26 @@ def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, read,
     from .session import Options, run
     if read and (pids or libs or command or write):
         raise click.UsageError("-r renders a file: it takes no -p, --lib, -w or COMMAND")
-    opts = Options(pids=pids, libs=libs, command=command,
-                   color=not nocolor and not as_json and sys.stdout.isatty(),
+    opts = Options(output=output, pids=pids, libs=libs, command=command,
+                   color=not nocolor and not as_json and output is None and sys.stdout.isatty(),
                    diffable=diffable, show_thread=show_thread, result_dialect=spy_format,
                    quiet=quiet, json=as_json,
                    write=write, read=read, expect=expect, summary=summary,
                    summary_format=summary_format, apdu=apdu, redact=redact,
                    smartcard_list=smartcard_list)
-    return run(opts)
+    try:
+        return run(opts)
+    except BrokenPipeError:
+        # The reader of our stdout went away (| head): nothing left to say.
+        # (click would turn it into status 1, which --expect means "differs".)
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv=None) -> None:

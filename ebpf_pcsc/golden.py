@@ -10,7 +10,7 @@ from .errors import SpyError
 
 
 def calls_part(text: str) -> str:
-    head, sep, _ = text.partition("\nThread 1/")
+    head, sep, _ = text.partition("\n\nThread 1/")
     return head + "\n" if sep else text
 
 

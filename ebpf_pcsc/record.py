@@ -73,6 +73,8 @@ def call_to_json(call: Call) -> dict:
         "result": None if call.rv is None else K.rv_name(call.rv),
         "entry_ns": call.call_ts,
         "return_ns": call.ret_ts,
+        "entry_seq": call.entry_seq,
+        "return_seq": call.return_seq,
         "aborted": call.aborted,
     }
 
@@ -106,7 +108,8 @@ def call_from_json(d: dict) -> Call:
     return Call(fn, d["pid"], d["tid"], d["comm"], d["entry_ns"],
                 {name: d["args"][name] for name in fn.args},
                 _phase_from(d["entry"]), _phase_from(d["exit"]), d["rv"],
-                d["return_ns"], d.get("aborted", False))
+                d["return_ns"], d.get("aborted", False),
+                d.get("entry_seq"), d.get("return_seq"))
 
 
 class JsonWriter:

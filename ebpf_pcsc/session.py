@@ -35,6 +35,7 @@ class Options:
     quiet: bool = False              # no live text
     json: bool = False               # JSON Lines on stdout instead of text
     write: Optional[str] = None      # -w: recording
+    output: Optional[str] = None     # -o: the trace to a file
     read: Optional[str] = None       # -r: render a file instead of tracing
     expect: Optional[str] = None     # golden trace (-n -d text)
     summary: bool = False            # tables after pcsc-spy's summary
@@ -58,18 +59,29 @@ class _Fanout:
         self.stats = stats
         self.sinks = sinks
         self.live = live
+        self.seq = 0
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
 
     def enter(self, call: Call) -> None:
+        if self.live:
+            call.entry_seq = self._next()
         self.stats.enter(call)
         for s in self.sinks:
             s.enter(call)
 
     def leave(self, call: Call) -> None:
+        if self.live:
+            call.return_seq = self._next()
         self.stats.leave(call)
         for s in self.sinks:
             s.leave(call)
 
     def abort(self, call: Call) -> None:
+        if self.live:
+            call.return_seq = self._next()
         self.stats.abort(call)
         for s in self.sinks:
             s.abort(call)
@@ -86,17 +98,17 @@ class _Fanout:
 class _Outputs:
     """Builds the sinks the options ask for, and finishes them."""
 
-    def __init__(self, opts: Options, out, libraries: List[str], live: bool):
+    def __init__(self, opts: Options, out, files: "_Files", header: dict, live: bool):
         self.opts = opts
         self.out = out
         self.stats = Stats()
         self.text = None
         self.golden = None
-        self.files = []
+        self.files = files
         sinks = []
         if opts.json:
             writer = record.JsonWriter(out, annotator=self._annotator())
-            writer.write(record.header(libraries))
+            writer.write(header)
             sinks.append(writer)
         elif not opts.quiet:
             self.text = TextSink(self.stats, out=out, color=opts.color, diffable=opts.diffable,
@@ -104,15 +116,12 @@ class _Outputs:
                                  result_dialect=opts.result_dialect,
                                  annotator=self._annotator())
             sinks.append(self.text)
-        if opts.write:
-            f = record.open_private(opts.write)
-            self.files.append(f)
-            writer = record.JsonWriter(f, annotator=self._annotator())
-            writer.write(record.header(libraries))
+        if files.recording is not None:
+            writer = record.JsonWriter(files.recording, annotator=self._annotator())
+            writer.write(header)
             sinks.append(writer)
-        if opts.expect:
-            from .golden import load
-            self.expected = load(opts.expect)
+        if files.expected is not None:
+            self.expected = files.expected
             # The comparison is on the -n -d text, whatever is shown live.
             self.golden = io.StringIO()
             sinks.append(TextSink(self.stats, out=self.golden, diffable=True,
@@ -146,9 +155,26 @@ class _Outputs:
                 self.out.write(diff)
                 status = EXIT_DIFFERENT
         self.out.flush()
-        for f in self.files:
-            f.close()
+        self.files.close()
         return status
+
+
+class _Files:
+    """The files the options name, opened (or read) before anything else
+    happens: a bad path is reported before minutes of tracing, not after."""
+
+    def __init__(self, opts: Options):
+        self.expected = None
+        self.recording = None
+        if opts.expect:
+            from .golden import load
+            self.expected = load(opts.expect)
+        if opts.write:
+            self.recording = record.open_private(opts.write)
+
+    def close(self) -> None:
+        if self.recording is not None:
+            self.recording.close()
 
 
 # Capability bits (linux/capability.h).
@@ -201,17 +227,27 @@ class _Stop:
 
 
 def run(opts: Options, out=None) -> int:
+    if opts.output:
+        try:
+            out = open(opts.output, "w", encoding="utf-8")
+        except OSError as e:
+            raise SpyError("cannot write %s (%s)" % (opts.output, e.strerror), "check the path")
     out = out if out is not None else sys.stdout
-    if opts.read:
-        return replay(opts, out)
-    return trace(opts, out)
+    try:
+        if opts.read:
+            return replay(opts, out)
+        return trace(opts, out)
+    finally:
+        if opts.output:
+            out.close()
 
 
 def trace(opts: Options, out) -> int:
     stop = _Stop()
-    check_privileges()
     if opts.command:
         _check_command(opts.command[0])
+    files = _Files(opts)
+    check_privileges()
     libraries = choose_libraries(opts)
     kheaders.ensure(warn)
     filtered = bool(opts.pids or opts.command)
@@ -240,8 +276,8 @@ def trace(opts: Options, out) -> int:
         capture.attach_loader(targets.system_loader())
         finder.all_processes()
     try:
-        outputs = _Outputs(opts, out, [lib.shown for libs in capture.attached for lib in libs[:1]],
-                           live=True)
+        outputs = _Outputs(opts, out, files,
+                           record.header([libs[0].shown for libs in capture.attached]), live=True)
         assembler = Assembler(FUNCTIONS, outputs.sink)
         where = ", ".join(_describe(libs) for libs in capture.attached)
         sys.stderr.write("Tracing %d PC/SC functions in %s... Hit Ctrl-C to end.\n"
@@ -340,8 +376,9 @@ def _drain(capture: Capture, assembler: Assembler, finder, timeout_ms: int) -> i
 def replay(opts: Options, out) -> int:
     """Render a recording (or a libpcscspy log) as it was shown live."""
     from . import replay as rp
-    events, error, libraries = rp.load(opts.read)
-    outputs = _Outputs(opts, out, libraries, live=False)
+    files = _Files(opts)
+    events, error, header = rp.load(opts.read)
+    outputs = _Outputs(opts, out, files, header, live=False)
     rp.feed(events, outputs.sink)
     status = outputs.finish()
     if error is not None:

@@ -98,13 +98,13 @@ def test_failing_command_status_wins(stack, client_bin, golden):
 
 
 def test_golden_of_a_command_writing_to_stdout(stack, client_bin, tmp_path):
-    """The recipe as a user types it: `-n -d -- CLIENT all > golden.txt`,
+    """The recipe as a user types it: `-n -d -o golden.txt -- CLIENT all`,
     then `-q --expect golden.txt -- CLIENT all`.  The client prints a line
-    per call on the stdout it shares with the tracer."""
-    first = spy(stack, "-n", "-d", "--", client_bin, "all")
-    assert first.returncode == 0, first.stderr
+    per call on the stdout it keeps (-o sends the trace elsewhere)."""
     path = tmp_path / "golden.txt"
-    path.write_text(first.stdout)
+    first = spy(stack, "-n", "-d", "-o", path, "--", client_bin, "all")
+    assert first.returncode == 0, first.stderr
+    assert " rv=0x" in first.stdout and " rv=0x" not in path.read_text()
     res = spy(stack, "-q", "--expect", path, "--", client_bin, "all")
     assert res.returncode == 0, res.stdout + res.stderr
 

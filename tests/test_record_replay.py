@@ -28,7 +28,7 @@ from tracer import ROOT, command, run_tracer
 HEADER_KEYS = {"type", "format", "tool", "version", "kernel", "libraries", "start_time",
                "start_ns"}
 CALL_KEYS = {"type", "pid", "tid", "comm", "function", "args", "entry", "exit", "rv", "result",
-             "entry_ns", "return_ns", "aborted"}
+             "entry_ns", "return_ns", "entry_seq", "return_seq", "aborted"}
 PHASE_KEYS = {"words", "data", "readers"}
 DATA_KEYS = {"hex", "total", "null", "fault", "truncated"}
 READER_KEYS = {"reader", "current_state", "event_state", "cb_atr", "atr", "name_captured"}
