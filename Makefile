@@ -13,7 +13,7 @@ DEB_PACKAGES := python3-bpfcc python3-venv python3-setuptools python3-click pyth
 	python3-pytest pcscd libpcsclite1 libpcsclite-dev vsmartcard-vpcd pcsc-tools opensc \
 	gcc libc6-dev make debootstrap $(KHEADERS)
 
-.PHONY: setup packages venv test demo clean
+.PHONY: setup packages venv test demo bench clean
 
 setup: packages venv
 	@echo "ready: $(VENV)/bin/pcsc-ebpf-spy"
@@ -38,6 +38,10 @@ test: venv
 
 demo: venv
 	$(PY) tests/demo.py
+
+# Not a test: measures side by side and writes bench-results.json.
+bench: venv
+	$(PY) tests/bench.py
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache

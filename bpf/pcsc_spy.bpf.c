@@ -5,7 +5,6 @@
  * in ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and appended to this text.
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 #include "pcsc_event.h"
 
 BPF_PERF_OUTPUT(events);
