@@ -48,10 +48,12 @@ def _summary_format(ctx, param, value):
 @click.option("--smartcard-list", metavar="PATH", type=click.Path(exists=True, dir_okay=False),
               help="pcsc-tools' smartcard_list.txt naming the ATRs with --apdu "
                    "[default: /usr/share/pcsc/smartcard_list.txt].")
+@click.option("--perf-pages", type=int, metavar="N",
+              help="Perf buffer size per CPU in 4 KiB pages, a power of two (default 1024).")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
 def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, output, read, quiet, as_json, expect,
-            summary, summary_format, apdu, redact, smartcard_list, command):
+            summary, summary_format, apdu, redact, smartcard_list, perf_pages, command):
     """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does.
 
     With -- COMMAND, run COMMAND traced (with its children, nothing else) and
@@ -59,7 +61,10 @@ def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, outpu
     from .session import Options, run
     if read and (pids or libs or command or write):
         raise click.UsageError("-r renders a file: it takes no -p, --lib, -w or COMMAND")
-    opts = Options(output=output, pids=pids, libs=libs, command=command,
+    if perf_pages is not None and (perf_pages < 1 or perf_pages & (perf_pages - 1)):
+        raise click.BadParameter("must be a power of two (1, 2, 4, ... 1024)",
+                                 param_hint="--perf-pages")
+    opts = Options(perf_pages=perf_pages, output=output, pids=pids, libs=libs, command=command,
                    color=not nocolor and not as_json and output is None and sys.stdout.isatty(),
                    diffable=diffable, show_thread=show_thread, result_dialect=spy_format,
                    quiet=quiet, json=as_json,

@@ -145,9 +145,10 @@ class _Outputs:
         status = EXIT_OK
         if self.text is not None:
             self.text.summary()
-            if self.opts.summary:
-                from .tables import summary_tables
-                self.out.write(summary_tables(self.stats, self.opts.summary_format))
+        if self.opts.summary and not self.opts.json:
+            # Asked for explicitly: also after -q (no live text).
+            from .tables import summary_tables
+            self.out.write(summary_tables(self.stats, self.opts.summary_format))
         if self.golden is not None:
             from .golden import compare
             same, diff = compare(self.opts.expect, self.expected, self.golden.getvalue())
