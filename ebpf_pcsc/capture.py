@@ -13,9 +13,21 @@ from .errors import SpyError
 from .functions import Function
 from .targets import Library, exported_functions
 
-# Per-CPU perf buffer: 1024 pages (4 MiB) absorbs a burst of extended APDUs
-# (five 16 KiB chunks each way) while user space catches up.
-PERF_PAGES = 1024
+# The perf buffers absorb bursts while the Python reader catches up (it
+# needs ~17 µs of CPU per call; a traced loop makes one every ~4 µs).  64 MiB
+# in all, split between the CPUs: a 50,000-call burst (~17 MB of records)
+# fits in one CPU's buffer on a small machine; each CPU gets between 1 MiB
+# and 32 MiB (a power of two, in 4 KiB pages).
+PERF_BUFFER_TOTAL = 64 << 20
+
+
+def default_perf_pages() -> int:
+    per_cpu = PERF_BUFFER_TOTAL // max(1, os.cpu_count() or 1) // 4096
+    pages = 256
+    while pages * 2 <= min(per_cpu, 8192):
+        pages *= 2
+    return pages
+
 # Wake the reader once per this many records per CPU, not for each: every
 # wakeup is an interrupt the traced thread pays for (measured: ~20 us per call
 # with one wakeup per record, ~3 us with 64).  What is left below the mark is
@@ -53,12 +65,12 @@ class _CapturedOutput:
 
 class Capture:
     def __init__(self, functions: Sequence[Function], libraries: Sequence[Library],
-                 pids: Optional[Sequence[int]] = None, perf_pages: int = PERF_PAGES,
+                 pids: Optional[Sequence[int]] = None, perf_pages: Optional[int] = None,
                  discover: bool = False):
         self.functions = functions
         self.libraries = libraries
         self.pids = list(pids) if pids is not None else None
-        self.perf_pages = perf_pages
+        self.perf_pages = perf_pages or default_perf_pages()
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0

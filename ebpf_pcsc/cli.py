@@ -49,7 +49,8 @@ def _summary_format(ctx, param, value):
               help="pcsc-tools' smartcard_list.txt naming the ATRs with --apdu "
                    "[default: /usr/share/pcsc/smartcard_list.txt].")
 @click.option("--perf-pages", type=int, metavar="N",
-              help="Perf buffer size per CPU in 4 KiB pages, a power of two (default 1024).")
+              help="Perf buffer size per CPU in 4 KiB pages, a power of two "
+                   "(default: 64 MiB shared by the CPUs, at most 8192 each).")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
 def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, output, read, quiet, as_json, expect,
