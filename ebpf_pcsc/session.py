@@ -258,10 +258,7 @@ def trace(opts: Options, out) -> int:
     capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) if filtered else None,
                       discover=discover,
                       **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
-    lost_total = [0]
-
     def on_lost(count: int) -> None:
-        lost_total[0] += count
         warn("%d events lost (the perf buffer was full): calls are missing" % count)
 
     if opts.command:
@@ -303,7 +300,7 @@ def trace(opts: Options, out) -> int:
         # Events submitted before the end may still be in the buffers.
         while _drain(capture, assembler, finder, 0):
             pass
-        outputs.stats.lost = lost_total[0]
+        outputs.stats.lost = capture.lost
         for call in assembler.pending():
             warn("%s of pid %d tid %d had not returned when tracing ended"
                  % (call.name, call.pid, call.tid))

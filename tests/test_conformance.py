@@ -167,9 +167,10 @@ def runs(session_stack, client_bin):
         App.waiting(stack, [client_bin, "nullrecvpci"]),
         App.waiting(stack, [client_bin, "blocked"])])
     # §9: the tracer stopped (SIGSTOP) while the ctypes client sends 80
-    # extended APDUs (about 10 MB of events, more than the perf buffer holds):
-    # the application does not wait, events are lost, and counted.
-    result.ours["lost"] = Ours(("-n", "-d"), [App.waiting(
+    # extended APDUs (about 10 MB of events, more than a 1 MiB perf buffer
+    # per CPU holds): the application does not wait, events are lost, and
+    # counted.
+    result.ours["lost"] = Ours(("-n", "-d", "--perf-pages", "256"), [App.waiting(
         stack, [PYTHON, CTYPES_CLIENT, "transmit", stack.reader_name])],
         stdin=(extended_echo(65000).hex() + "\n") * 80, frozen=True)
     try:
