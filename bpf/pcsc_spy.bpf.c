@@ -307,7 +307,11 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
  * r_brk hook debuggers use) before and after it maps libraries, at program
  * start and in dlopen(): user space then looks for new libpcsclite images in
  * that process's maps.  A program start may bring a new loader (another root
- * or container): user space probes that one too. */
+ * or container): user space probes that one too.  These records have their
+ * own perf buffer, which wakes user space at each one (the calls' buffer
+ * wakes it once per batch): the process is about to call what it loaded. */
+BPF_PERF_OUTPUT(loads);
+
 static __always_inline void notify(void *ctx, u16 kind)
 {
 	struct pcsc_head h = {};
@@ -318,7 +322,7 @@ static __always_inline void notify(void *ctx, u16 kind)
 		return;
 #endif
 	fill_head(&h, kind, 0);
-	events.perf_submit(ctx, &h, sizeof(h));
+	loads.perf_submit(ctx, &h, sizeof(h));
 }
 
 int pcsc_loaded(struct pt_regs *ctx)

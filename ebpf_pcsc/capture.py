@@ -8,10 +8,10 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from . import codegen
+from . import codegen, uprobes
 from .errors import SpyError
 from .functions import Function
-from .targets import Library, exported_functions
+from .targets import Library, function_addresses
 
 # The perf buffers absorb bursts while the Python reader catches up (it
 # needs ~17 µs of CPU per call; a traced loop makes one every ~4 µs).  64 MiB
@@ -33,6 +33,15 @@ def default_perf_pages() -> int:
 # with one wakeup per record, ~3 us with 64).  What is left below the mark is
 # read when the poll times out (poll(): perf_buffer_consume).
 WAKEUP_EVENTS = 64
+
+# Library loads travel apart from the calls, and wake the reader at once
+# (the default: one wakeup per record): a process that just loaded a new
+# libpcsclite is about to call it, and its probes are attached on this news.
+LOADS_PAGES = 16
+
+# Set to "perf" to attach with one perf event per probe even where the
+# kernel has uprobe_multi links (how the tests cover kernels < 6.6).
+ATTACH_ENV = "PCSC_EBPF_SPY_ATTACH"
 
 
 class _CapturedOutput:
@@ -79,16 +88,25 @@ class Capture:
         self._loaders = set()   # (dev, ino) of dynamic loaders probed
         self._bpf = None
         self._batch: List[bytes] = []
+        self._loads: List[bytes] = []
+        self.multi = False      # uprobe_multi links (else one perf event per probe)
+        self._multi = {}        # uprobe_multi: is-return -> the phase's program fd
+        self._fds: List[int] = []   # the links and perf events that hold the probes
+        self._warn: Callable[[str], None] = lambda message: None
 
-    def start(self, on_lost: Callable[[int], None]) -> None:
+    def start(self, on_lost: Callable[[int], None],
+              warn: Optional[Callable[[str], None]] = None) -> None:
         """Compile, load and attach; after this every call is seen."""
+        if warn is not None:
+            self._warn = warn
         try:
             from bcc import BPF
         except ImportError:
             raise SpyError("the bcc Python module is missing",
                            "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
+        self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
-        cflags = codegen.cflags(self.pids is not None, self.discover)
+        cflags = codegen.cflags(self.pids is not None, self.discover, self.multi)
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:
@@ -100,13 +118,17 @@ class Capture:
             raise SpyError("cannot compile or load the BPF program (%s)" % said.gist(),
                            "check the kernel headers (BCC_KERNEL_SOURCE) and the bcc install")
         self._bpf = bpf
+        if self.multi:
+            self._multi = {ret: bpf.load_func(name, BPF.KPROBE,
+                                              attach_type=uprobes.BPF_TRACE_UPROBE_MULTI).fd
+                           for name, ret in ((codegen.ENTER_PROGRAM, False),
+                                             (codegen.RETURN_PROGRAM, True))}
         if self.pids is not None:
             table = bpf["traced_pids"]
             for pid in self.pids:
                 table[table.Key(pid)] = table.Leaf(1)
         for lib in self.libraries:
-            if not self.attach_library(lib, strict=True):
-                continue
+            self.attach_library(lib, strict=True)
 
         def lost(count):
             self.lost += count
@@ -114,6 +136,9 @@ class Capture:
 
         bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages, lost_cb=lost,
                                        wakeup_events=WAKEUP_EVENTS)
+        if self.discover:
+            bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
+                                          lost_cb=lambda count: None)
 
     def untrace_pid(self, pid: int) -> None:
         table = self._bpf["traced_pids"]
@@ -163,54 +188,96 @@ class Capture:
             return False
         self._loaders.add(key)
         try:
-            self._bpf.attach_uprobe(name=path, sym="_dl_debug_state", fn_name=codegen.LOADER_PROBE)
-        except Exception:
+            offset = uprobes.file_offsets(path, function_addresses(path, b"^_dl_debug_state$"))
+            prog = self._bpf.load_func(codegen.LOADER_PROBE, self._bpf.KPROBE).fd
+            self._fds.append(uprobes.attach_perf(prog, path, offset["_dl_debug_state"]))
+        except (OSError, KeyError):
             return False  # a loader without the hook (not glibc): not a discovery source
         return True
 
     def _attach(self, bpf, lib: Library) -> None:
-        exported = exported_functions(lib.path)
-        present = [(i, fn) for i, fn in enumerate(self.functions) if fn.name in exported]
+        addresses = function_addresses(lib.path)
+        offsets = uprobes.file_offsets(lib.path, addresses) if addresses else {}
+        present = [(i, offsets[fn.name]) for i, fn in enumerate(self.functions)
+                   if fn.name in offsets]
         if not present:
             raise SpyError("%s exports no SCard* function" % lib.shown,
                            "give the path of a libpcsclite.so.1 (or a binary linking it)")
-        # Return probes first: a call entered before its entry probe exists
-        # has no in-flight record and its return is ignored, whereas an entry
-        # without a return probe would leave a record behind on its thread.
-        for i, fn in present:
-            bpf.attach_uretprobe(name=lib.path, sym=fn.name, fn_name=codegen.return_probe(i))
-        for i, fn in present:
-            bpf.attach_uprobe(name=lib.path, sym=fn.name, fn_name=codegen.enter_probe(i))
-        self.probe_count = max(self.probe_count, len(present))
+        # uprobe_multi: all the functions in one link per phase.  Should the
+        # kernel refuse it (one address already holds a probe it cannot
+        # share), each function is tried alone: one lost function is said,
+        # the others are traced.
+        groups = [present] if self.multi else [[one] for one in present]
+        failed = []
+        for group in groups:
+            try:
+                self._fds.extend(self._probe(bpf, lib.path, group))
+            except OSError:
+                if len(group) == 1:
+                    failed.append(group[0])
+                    continue
+                for one in group:
+                    try:
+                        self._fds.extend(self._probe(bpf, lib.path, [one]))
+                    except OSError:
+                        failed.append(one)
+        if len(failed) == len(present):
+            raise SpyError("cannot probe %s" % lib.shown, "check the path")
+        for i, _ in failed:
+            self._warn("cannot probe %s in %s (the kernel refuses: another probe on the "
+                       "same address?): its calls are not traced" % (self.functions[i].name,
+                                                                     lib.shown))
+        self.probe_count = max(self.probe_count, len(present) - len(failed))
+
+    def _probe(self, bpf, path: str, where) -> List[int]:
+        """Probes (return, then entry) on (function index, file offset) pairs;
+        their fds.  On failure, nothing of these pairs stays probed.
+
+        Return probes first: a call entered before its entry probe exists
+        has no in-flight record and its return is ignored, whereas an entry
+        without a return probe would leave a record behind on its thread."""
+        fds = []
+        try:
+            for ret in (True, False):
+                if self.multi:
+                    fds.append(uprobes.link_uprobes(self._multi[ret], path,
+                                                    [off for _, off in where],
+                                                    [i for i, _ in where], retprobe=ret))
+                else:
+                    for i, off in where:
+                        name = codegen.return_probe(i) if ret else codegen.enter_probe(i)
+                        prog = bpf.load_func(name, bpf.KPROBE).fd
+                        fds.append(uprobes.attach_perf(prog, path, off, retprobe=ret))
+        except OSError:
+            uprobes.close_all(fds)
+            raise
+        return fds
 
     def _on_sample(self, cpu, data, size) -> None:
         # Copy out now: the perf ring slot is reused after the callback.
         self._batch.append(ctypes.string_at(data, size))
 
+    def _on_load(self, cpu, data, size) -> None:
+        self._loads.append(ctypes.string_at(data, size))
+
     def poll(self, timeout_ms: int) -> List[bytes]:
-        """The records that arrived, oldest first.  Records of one phase
-        share a timestamp and keep their order (the sort is stable)."""
+        """The call records that arrived, in arrival order (see take_loads()
+        for the library loads)."""
         self._bpf.perf_buffer_poll(timeout=timeout_ms)
         self._bpf.perf_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
 
+    def take_loads(self) -> List[bytes]:
+        """The LOADED and EXEC records that arrived since the last call."""
+        loads, self._loads = self._loads, []
+        return loads
+
     def close(self) -> None:
         if self._bpf is None:
             return
-        from concurrent.futures import ThreadPoolExecutor
-
-        from bcc import lib
-        # bcc attached the uprobes through the perf "uprobe" PMU; its
-        # detach_uprobe_event() would also remove a tracefs event that was
-        # never created (and fails where tracefs is not mounted).  Closing
-        # the perf event is the whole detach.  Each close waits for an RCU
-        # grace period in the kernel (~0.1 s): closing them concurrently
-        # lets those waits overlap.
-        fds = list(self._bpf.uprobe_fds.values())
-        if fds:
-            with ThreadPoolExecutor(min(len(fds), 64)) as pool:
-                list(pool.map(lib.bpf_close_perf_event_fd, fds))
-        self._bpf.uprobe_fds.clear()
+        # Closing a link or a perf event is the whole detach.
+        uprobes.close_all(self._fds)
+        self._fds = []
         self._bpf.cleanup()
         self._bpf = None

@@ -1,9 +1,16 @@
 """Generate the per-function BPF probes from the function table.
 
-Each row becomes pcsc_enter_<i> (uprobe) and pcsc_return_<i> (uretprobe),
-built from the helpers of bpf/pcsc_spy.bpf.c.  A DATA record's `field` is the
-capture's index in Function.captures; a Word's slot is its index among the
-Words of its phase.
+Each row becomes two inline functions, enter_<i> and return_<i>, built from
+the helpers of bpf/pcsc_spy.bpf.c, and the programs that run them:
+
+- with uprobe_multi links (PCSC_UPROBE_MULTI, Linux >= 6.6): one program per
+  phase, pcsc_enter and pcsc_return, which dispatch on the link's cookie,
+  the function's index (see uprobes.py);
+- otherwise: pcsc_enter_<i> (uprobe) and pcsc_return_<i> (uretprobe), one
+  pair per function, attached one by one by bcc.
+
+A DATA record's `field` is the capture's index in Function.captures; a
+Word's slot is its index among the Words of its phase.
 """
 from pathlib import Path
 from typing import Sequence
@@ -15,12 +22,16 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 BPF_MAIN = BPF_DIR / "pcsc_spy.bpf.c"
 
 
+ENTER_PROGRAM = "pcsc_enter"      # the uprobe_multi programs
+RETURN_PROGRAM = "pcsc_return"
+
+
 def enter_probe(index: int) -> str:
-    return "pcsc_enter_%d" % index
+    return "%s_%d" % (ENTER_PROGRAM, index)
 
 
 def return_probe(index: int) -> str:
-    return "pcsc_return_%d" % index
+    return "%s_%d" % (RETURN_PROGRAM, index)
 
 
 def _phase_code(fn: Function, phase, first_field: int, rec: str) -> list:
@@ -67,17 +78,28 @@ def probes_source(functions: Sequence[Function]) -> str:
         entry = _phase_code(fn, fn.entry, 0, "c")
         exit_ = _phase_code(fn, fn.exit, len(fn.entry), "r")
         out.append("/* %s */" % fn.name)
-        out.append("int %s(struct pt_regs *ctx)\n{" % enter_probe(i))
+        out.append("static __always_inline int enter_%d(struct pt_regs *ctx)\n{" % i)
         out.append("\tstruct pcsc_call *c = call_begin(ctx, %d, %d);\n" % (i, len(fn.args)))
         out.append("\tif (!c)\n\t\treturn 0;")
         out.extend("\t" + line for line in entry)
         out.append("\tcall_submit(ctx, c);\n\treturn 0;\n}\n")
-        out.append("int %s(struct pt_regs *ctx)\n{" % return_probe(i))
+        out.append("static __always_inline int return_%d(struct pt_regs *ctx)\n{" % i)
         out.append("\tstruct pcsc_call *e = NULL;")
         out.append("\tstruct pcsc_call *r = call_end(ctx, &e);\n")
         out.append("\tif (!r || !e)\n\t\treturn 0;")
         out.extend("\t" + line for line in exit_)
         out.append("\tcall_submit(ctx, r);\n\treturn 0;\n}\n")
+    out.append("#ifdef PCSC_UPROBE_MULTI")
+    for program, phase in ((ENTER_PROGRAM, "enter"), (RETURN_PROGRAM, "return")):
+        out.append("int %s(struct pt_regs *ctx)\n{" % program)
+        out.append("\tswitch (bpf_get_attach_cookie(ctx)) {")
+        out.extend("\tcase %d: return %s_%d(ctx);" % (i, phase, i) for i in range(len(functions)))
+        out.append("\t}\n\treturn 0;\n}\n")
+    out.append("#else")
+    for i in range(len(functions)):
+        out.append("int %s(struct pt_regs *ctx) { return enter_%d(ctx); }" % (enter_probe(i), i))
+        out.append("int %s(struct pt_regs *ctx) { return return_%d(ctx); }" % (return_probe(i), i))
+    out.append("#endif")
     return "\n".join(out)
 
 
@@ -89,8 +111,10 @@ def program_source(functions: Sequence[Function]) -> str:
 LOADER_PROBE = "pcsc_loaded"
 
 
-def cflags(filter_pids: bool, discover: bool = False) -> list:
+def cflags(filter_pids: bool, discover: bool = False, multi: bool = False) -> list:
     flags = ["-I%s" % BPF_DIR]
+    if multi:
+        flags.append("-DPCSC_UPROBE_MULTI")
     if discover:
         flags.append("-DPCSC_DISCOVER")
     if filter_pids:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from . import kheaders, record, targets
-from . import layout as L
 from .calls import Assembler, Call
 from .capture import Capture
 from .errors import SpyError
@@ -265,7 +264,7 @@ def trace(opts: Options, out) -> int:
         # Our own pid is traced while COMMAND is forked: the kernel then adds
         # the child (and its descendants) before it runs a single instruction.
         capture.pids = list(capture.pids or []) + [os.getpid()]
-    capture.start(on_lost)
+    capture.start(on_lost, warn)
     finder = None
     if discover:
         from .discovery import Discovery
@@ -355,17 +354,18 @@ def _describe(libs: List[targets.Library]) -> str:
 def _drain(capture: Capture, assembler: Assembler, finder, timeout_ms: int) -> int:
     """Poll once; feed what arrived, oldest first.  Returns the count."""
     batch = capture.poll(timeout_ms)
-    batch.sort(key=Assembler.timestamp)
-    loading = {}   # a process start or dlopen() notifies several times: look once
-    for raw in batch:
-        kind, pid = Assembler.kind_and_pid(raw)
-        if kind in (L.PCSC_REC_LOADED, L.PCSC_REC_EXEC):
-            loading[pid] = kind
-            continue
-        assembler.feed(raw)
     if finder is not None:
+        # Library loads first: their processes wait for no one.  A program
+        # start or dlopen() notifies several times: look once.
+        loading = {}
+        for raw in capture.take_loads():
+            kind, pid = Assembler.kind_and_pid(raw)
+            loading[pid] = kind
         for pid, kind in loading.items():
             finder.event(kind, pid)
+    batch.sort(key=Assembler.timestamp)
+    for raw in batch:
+        assembler.feed(raw)
     if batch:
         assembler.expire()
     return len(batch)

@@ -64,14 +64,19 @@ def for_pids(pids: Iterable[int]) -> List[Library]:
     return libs
 
 
-def exported_functions(path: str) -> set:
-    """The SCard* functions an ELF file defines."""
+def function_addresses(path: str, pattern: bytes = b"^SCard") -> dict:
+    """The functions an ELF file defines whose names match pattern (by
+    default the SCard* ones): name -> address (ELF virtual)."""
     from bcc import BPF  # lazily: importing bcc takes ~0.3 s
     try:
-        found = BPF.get_user_functions_and_addresses(path, b"^SCard")
+        found = BPF.get_user_functions_and_addresses(path, pattern)
     except Exception:
-        return set()
-    return {name.decode() for name, _ in found}
+        return {}
+    return {name.decode(): addr for name, addr in found}
+
+
+def exported_functions(path: str) -> set:
+    return set(function_addresses(path))
 
 
 def for_path(path: str) -> Library:

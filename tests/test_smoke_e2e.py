@@ -1,6 +1,11 @@
 """The tracer end to end on the C client's full tour: all 18 functions,
-each call exactly once, with the result the application saw."""
+each call exactly once, with the result the application saw -- through
+uprobe_multi links (Linux >= 6.6, the default where the kernel has them) and
+through one perf event per probe (older kernels, e.g. Debian 12's 6.1)."""
+import os
 import re
+
+import pytest
 
 SPEC_18 = {
     "SCardEstablishContext", "SCardReleaseContext", "SCardIsValidContext", "SCardConnect",
@@ -28,10 +33,27 @@ def calls_of_client(stdout: str):
     return [tuple(line.split(" rv=")) for line in stdout.splitlines() if " rv=" in line]
 
 
-def test_every_call_once_with_its_result(stack, client_bin, tracer):
+def probe_handles(pid):
+    """How the tracer holds its probes: its bpf_link and perf_event fds."""
+    kinds = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+    return (sum(k == "anon_inode:bpf_link" for k in kinds),
+            sum(k == "anon_inode:[perf_event]" for k in kinds))
+
+
+@pytest.mark.parametrize("attach", ["multi", "perf"])
+def test_every_call_once_with_its_result(stack, client_bin, tracer, attach):
     # -p: other PC/SC clients on the machine stay out of this trace.
     client = stack.popen_waiting([client_bin, "all"])
-    t = tracer("-n", "-p", client.pid)
+    env = dict(os.environ, PCSC_EBPF_SPY_ATTACH="perf") if attach == "perf" else None
+    t = tracer("-n", "-p", client.pid, env=env)
+    # Besides the probes: three raw tracepoints (process exit, fork, exec)
+    # are links; the loader's hook, and the two perf buffers (calls, library
+    # loads) with one perf event per CPU each, are perf events.
+    links, perf_events = 3, 1 + 2 * os.cpu_count()
+    if attach == "multi":   # one link per phase
+        assert probe_handles(t.proc.pid) == (links + 2, perf_events)
+    else:                   # 18 functions x 2 phases
+        assert probe_handles(t.proc.pid) == (links, perf_events + 36)
     out = client.release()
     res = t.stop()
     assert res.returncode == 0, res.stderr
