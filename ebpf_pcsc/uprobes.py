@@ -116,9 +116,10 @@ _attach_uprobe = None
 
 
 def attach_perf(prog_fd: int, path: str, offset: int, retprobe: bool = False,
-                pid: int = -1) -> int:
+                pid: int = -1, ref_ctr_offset: int = 0) -> int:
     """One uprobe (or uretprobe) on a file offset, as a perf event of the
-    uprobe PMU (nothing in tracefs to remove later); its fd."""
+    uprobe PMU (nothing in tracefs to remove later); its fd.  ref_ctr_offset
+    is for USDT semaphores: the tracer never sets it (a test does)."""
     global _attach_uprobe
     if _attach_uprobe is None:
         from bcc.libbcc import lib
@@ -131,7 +132,7 @@ def attach_perf(prog_fd: int, path: str, offset: int, retprobe: bool = False,
                                  ctypes.c_uint32, use_errno=True)
         _attach_uprobe = proto(ctypes.cast(lib.bpf_attach_uprobe, ctypes.c_void_p).value)
     fd = _attach_uprobe(prog_fd, 1 if retprobe else 0, b"pcsc_ebpf_spy", os.fsencode(path),
-                        offset, pid, 0)
+                        offset, pid, ref_ctr_offset)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)

@@ -369,30 +369,38 @@ class TracerRun:
 # -- the floor: an empty program on every function ----------------------------------------
 
 class Floor:
+    """An empty program on the 18 functions' entries and returns, attached the
+    way the tracer attaches (uprobe_multi links where the kernel has them,
+    else one perf event per probe): what any uprobe tracer pays at least."""
     SOURCE = "int f(void *ctx) { return 0; }"
 
     def __init__(self, lib, names):
         from bcc import BPF
+        from ebpf_pcsc import targets, uprobes
         self.lib = lib
-        self.names = names
+        self.multi = uprobes.supported()
+        self.offsets = list(uprobes.file_offsets(lib, targets.function_addresses(lib)).values())
+        assert len(self.offsets) == len(names), "the library lacks SCard* functions"
         self.bpf = BPF(text=self.SOURCE)
+        self.prog = self.bpf.load_func(
+            "f", BPF.KPROBE, attach_type=uprobes.BPF_TRACE_UPROBE_MULTI if self.multi else -1).fd
+        self.fds = []
         CLEANUP.push(self.close)
 
     def attach(self):
-        for name in self.names:
-            self.bpf.attach_uretprobe(name=self.lib, sym=name, fn_name="f")
-            self.bpf.attach_uprobe(name=self.lib, sym=name, fn_name="f")
+        from ebpf_pcsc import uprobes
+        for ret in (True, False):
+            if self.multi:
+                self.fds.append(uprobes.link_uprobes(self.prog, self.lib, self.offsets,
+                                                     [0] * len(self.offsets), retprobe=ret))
+            else:
+                self.fds.extend(uprobes.attach_perf(self.prog, self.lib, off, retprobe=ret)
+                                for off in self.offsets)
 
     def detach(self):
-        # Close the perf events (bcc's detach also removes tracefs events,
-        # which it never created here); each close waits for a grace period,
-        # so they are closed concurrently.
-        from bcc import lib
-        fds = list(self.bpf.uprobe_fds.values())
-        if fds:
-            with ThreadPoolExecutor(len(fds)) as pool:
-                list(pool.map(lib.bpf_close_perf_event_fd, fds))
-        self.bpf.uprobe_fds.clear()
+        from ebpf_pcsc import uprobes
+        uprobes.close_all(self.fds)
+        self.fds = []
 
     def close(self):
         if self.bpf is not None:

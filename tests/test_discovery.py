@@ -2,6 +2,7 @@
 through another mount namespace, programs with SCard* linked in; each
 attached image is named on stderr."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -131,3 +132,33 @@ def test_program_with_scard_functions_linked_in(stack, tracer, linked_in_client)
     out = release(proc)
     res = t.stop()
     assert calls_of(res.stdout) == calls_of_client(out)
+
+
+def test_a_function_another_probe_holds_is_said_and_the_others_traced(stack, client_bin,
+                                                                     tracer, tmp_path):
+    """The kernel refuses a second uprobe on an address whose uprobe has another
+    USDT semaphore offset (ref_ctr_offset): as a probe of another tool, here
+    registered by the test, would.  The tracer names the function it cannot
+    probe and traces the 17 others."""
+    from bcc import BPF
+
+    from ebpf_pcsc import kheaders, targets, uprobes
+    kheaders.ensure(lambda message: None)
+    d = tmp_path / "copy"
+    d.mkdir()
+    copy = str(d / "libpcsclite.so.1")
+    shutil.copy(SYSTEM_REAL, copy)
+    offset = uprobes.file_offsets(copy, targets.function_addresses(copy))["SCardTransmit"]
+    other = BPF(text="int f(void *ctx) { return 0; }")
+    fd = uprobes.attach_perf(other.load_func("f", BPF.KPROBE).fd, copy, offset,
+                             ref_ctr_offset=8)   # in the ELF header: nobody maps this copy
+    try:
+        t = tracer("-n", "--lib", copy)
+        assert re.search(r"^pcsc-ebpf-spy: cannot probe SCardTransmit in %s \(.*\): its calls "
+                         r"are not traced$" % re.escape(copy), t.stderr_so_far, re.M)
+        assert "Tracing 17 PC/SC functions in %s..." % copy in t.stderr_so_far
+        res = t.stop()
+        assert res.returncode == 0, res.stderr
+    finally:
+        os.close(fd)
+        other.cleanup()
