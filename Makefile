@@ -11,7 +11,7 @@ KHEADERS := $(shell apt-cache show linux-headers-$$(uname -r) >/dev/null 2>&1 \
 # Debian too, and the venv sees them (--system-site-packages).
 DEB_PACKAGES := python3-bpfcc python3-venv python3-setuptools python3-click python3-tabulate \
 	python3-pytest pcscd libpcsclite1 libpcsclite-dev vsmartcard-vpcd pcsc-tools opensc \
-	gcc libc6-dev make debootstrap $(KHEADERS)
+	gcc libc6-dev make debootstrap meson ninja-build flex perl $(KHEADERS)
 
 .PHONY: setup packages venv test demo bench clean
 

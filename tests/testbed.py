@@ -97,28 +97,27 @@ def free_port_pair():
     raise RuntimeError("no free TCP port pair for vpcd")
 
 
-class PcscStack:
-    """A private pcscd with one vpcd reader and the virtual card of tests/vcard.py.
+class StackBase:
+    """What a private stack does the same whatever its pcscd (PcscStack here, pcsc-lite
+    2.3.3's in trixie.Pcsclite2Stack): the reader.conf of the vpcd reader, starting and
+    waiting for pcscd, the virtual card, the reader's state, stopping everything.
 
-    card=False starts with the reader empty; pcscd_debug=True adds pcscd's -d (debug log).
-    Attributes: port (vpcd TCP port), reader_name ("Virtual PCD 00 00"), tmpdir (Path),
-    pcscd_log and card_log (Paths in tmpdir, the processes' stdout+stderr).
-    Properties pcscd_pid, socket_path and env change with restart_pcscd().
+    A subclass sets port, tmpdir, pcscd_log and card_log, calls _start(card), and has
+    client(*args) (tests/pcsc_ctypes_client.py against its pcscd) and _start_pcscd().
     """
 
-    def __init__(self, card=True, pcscd_debug=False):
-        self.port = free_port_pair()
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="pcsc-stack-"))
-        self.pcscd_log = self.tmpdir / "pcscd.log"
-        self.card_log = self.tmpdir / "card.log"
-        self._conf_dir = self.tmpdir / "reader.conf.d"  # pcscd -c takes a directory
-        self._conf_dir.mkdir()
-        (self._conf_dir / "reader.conf").write_text(
+    def _write_reader_conf(self, conf_dir, driver=VPCD_DRIVER):
+        """conf_dir/reader.conf: one vpcd reader on self.port (pcscd -c takes the dir)."""
+        conf_dir.mkdir()
+        (conf_dir / "reader.conf").write_text(
             f'FRIENDLYNAME "{FRIENDLY_NAME}"\n'
             f"DEVICENAME /dev/null:{self.port}\n"
-            f"LIBPATH {VPCD_DRIVER}\n"
+            f"LIBPATH {driver}\n"
             f"CHANNELID {self.port}\n")
-        self._pcscd_args = ["-f", "-c", str(self._conf_dir)] + (["-d"] if pcscd_debug else [])
+
+    def _start(self, card):
+        """Start pcscd, then the card unless card=False; everything stopped on failure,
+        and at exit if close() was not called."""
         self._pcscd = self._card = None
         self.reader_name = None
         atexit.register(self.close)
@@ -130,6 +129,25 @@ class PcscStack:
             self.close()
             raise
 
+    def _wait_readers(self, socket_path, timeout, interval):
+        """Once pcscd (self._pcscd, just started) has socket_path and lists our reader:
+        the reader names, in slot order."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._pcscd.poll() is not None:
+                raise RuntimeError(f"pcscd exited with {self._pcscd.returncode}: {self._log_tail()}")
+            if os.path.exists(socket_path):
+                readers = self.client("list").stdout.split("\n")
+                if readers[0].startswith(FRIENDLY_NAME):
+                    return readers
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pcscd not ready after {timeout} s: {self._log_tail()}")
+            time.sleep(interval)
+
+    @property
+    def pcscd_pid(self):
+        return self._pcscd.pid
+
     # -- context manager ---------------------------------------------------------------
     def __enter__(self):
         return self
@@ -137,36 +155,7 @@ class PcscStack:
     def __exit__(self, *exc):
         self.close()
 
-    # -- public API --------------------------------------------------------------------
-    @property
-    def pcscd_pid(self):
-        return self._pcscd.pid
-
-    @property
-    def socket_path(self):
-        return f"/proc/{self.pcscd_pid}/root/run/pcscd/pcscd.comm"
-
-    @property
-    def env(self):
-        """os.environ plus PCSCLITE_CSOCK_NAME pointing at this stack's pcscd (a new copy)."""
-        return dict(os.environ, PCSCLITE_CSOCK_NAME=self.socket_path)
-
-    def run(self, argv, **kwargs):
-        """subprocess.run(argv) with this stack's env; by default output is captured as
-        text and the timeout is 30 s (kwargs override these)."""
-        options = dict(env=self.env, capture_output=True, text=True, timeout=30)
-        options.update(kwargs)
-        return subprocess.run(argv, **options)
-
-    def popen_waiting(self, argv, env=None):
-        """Start argv held before exec: its pid is known (and can be traced
-        with -p) before it makes any call; release() lets it run."""
-        return HeldProcess(argv, env if env is not None else self.env)
-
-    def client(self, *args, **kwargs):
-        """Run tests/pcsc_ctypes_client.py with args (see its docstring) against this stack."""
-        return self.run([PYTHON, str(CLIENT), *map(str, args)], **kwargs)
-
+    # -- the card ----------------------------------------------------------------------
     def reader_state(self):
         """The reader's current SCARD_STATE_* flags (SCardGetStatusChange dwEventState)."""
         r = self.client("state", self.reader_name)
@@ -203,13 +192,6 @@ class PcscStack:
         if wait:
             self.wait_card_absent()
 
-    def restart_pcscd(self):
-        """Stop and start pcscd (same port and reader; new pid, so a new env)."""
-        _terminate(self._pcscd)
-        self._start_pcscd()
-        if self.card_running:
-            self.wait_card_present()  # the card reconnects by itself
-
     def close(self):
         """Stop the card and pcscd, delete the temp dir. Idempotent."""
         atexit.unregister(self.close)
@@ -218,32 +200,6 @@ class PcscStack:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------
-    def _start_pcscd(self, timeout=START_TIMEOUT):
-        # Mount point for the private tmpfs; an empty directory on the host is harmless
-        # (a system pcscd would create it anyway) and it is hidden from it by the mount.
-        os.makedirs("/run/pcscd", exist_ok=True)
-        # unshare (without --fork) and sh's `exec` keep one pid: Popen's pid is pcscd's.
-        # unshare -m makes the namespace's mounts private, so the tmpfs never reaches the host.
-        self._pcscd = _spawn(["unshare", "-m", "sh", "-c",
-                              'mount -t tmpfs tmpfs /run/pcscd && exec pcscd "$@"', "sh",
-                              *self._pcscd_args], self.pcscd_log)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._pcscd.poll() is not None:
-                raise RuntimeError(f"pcscd exited with {self._pcscd.returncode}: {self._log_tail()}")
-            if os.path.exists(self.socket_path):
-                readers = self.client("list").stdout.split("\n")
-                if readers[0].startswith(FRIENDLY_NAME):
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pcscd not ready after {timeout} s: {self._log_tail()}")
-            time.sleep(0.01)
-        # readers are listed in slot order: the first one is slot 0, the card's port
-        if self.reader_name is None:
-            self.reader_name = readers[0]
-        elif readers[0] != self.reader_name:
-            raise RuntimeError(f"reader renamed after restart: {readers[0]!r}")
-
     def _wait_state(self, state, timeout):
         r = self.client("wait", self.reader_name, state, timeout, timeout=timeout + 10)
         if r.returncode != 0:
@@ -255,6 +211,76 @@ class PcscStack:
             return self.pcscd_log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+class PcscStack(StackBase):
+    """A private pcscd with one vpcd reader and the virtual card of tests/vcard.py.
+
+    card=False starts with the reader empty; pcscd_debug=True adds pcscd's -d (debug log).
+    Attributes: port (vpcd TCP port), reader_name ("Virtual PCD 00 00"), tmpdir (Path),
+    pcscd_log and card_log (Paths in tmpdir, the processes' stdout+stderr).
+    Properties pcscd_pid, socket_path and env change with restart_pcscd().
+    """
+
+    def __init__(self, card=True, pcscd_debug=False):
+        self.port = free_port_pair()
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="pcsc-stack-"))
+        self.pcscd_log = self.tmpdir / "pcscd.log"
+        self.card_log = self.tmpdir / "card.log"
+        self._conf_dir = self.tmpdir / "reader.conf.d"  # pcscd -c takes a directory
+        self._write_reader_conf(self._conf_dir)
+        self._pcscd_args = ["-f", "-c", str(self._conf_dir)] + (["-d"] if pcscd_debug else [])
+        self._start(card)
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def socket_path(self):
+        return f"/proc/{self.pcscd_pid}/root/run/pcscd/pcscd.comm"
+
+    @property
+    def env(self):
+        """os.environ plus PCSCLITE_CSOCK_NAME pointing at this stack's pcscd (a new copy)."""
+        return dict(os.environ, PCSCLITE_CSOCK_NAME=self.socket_path)
+
+    def run(self, argv, **kwargs):
+        """subprocess.run(argv) with this stack's env; by default output is captured as
+        text and the timeout is 30 s (kwargs override these)."""
+        options = dict(env=self.env, capture_output=True, text=True, timeout=30)
+        options.update(kwargs)
+        return subprocess.run(argv, **options)
+
+    def popen_waiting(self, argv, env=None):
+        """Start argv held before exec: its pid is known (and can be traced
+        with -p) before it makes any call; release() lets it run."""
+        return HeldProcess(argv, env if env is not None else self.env)
+
+    def client(self, *args, **kwargs):
+        """Run tests/pcsc_ctypes_client.py with args (see its docstring) against this stack."""
+        return self.run([PYTHON, str(CLIENT), *map(str, args)], **kwargs)
+
+    def restart_pcscd(self):
+        """Stop and start pcscd (same port and reader; new pid, so a new env)."""
+        _terminate(self._pcscd)
+        self._start_pcscd()
+        if self.card_running:
+            self.wait_card_present()  # the card reconnects by itself
+
+    # -- internals ---------------------------------------------------------------------
+    def _start_pcscd(self, timeout=START_TIMEOUT):
+        # Mount point for the private tmpfs; an empty directory on the host is harmless
+        # (a system pcscd would create it anyway) and it is hidden from it by the mount.
+        os.makedirs("/run/pcscd", exist_ok=True)
+        # unshare (without --fork) and sh's `exec` keep one pid: Popen's pid is pcscd's.
+        # unshare -m makes the namespace's mounts private, so the tmpfs never reaches the host.
+        self._pcscd = _spawn(["unshare", "-m", "sh", "-c",
+                              'mount -t tmpfs tmpfs /run/pcscd && exec pcscd "$@"', "sh",
+                              *self._pcscd_args], self.pcscd_log)
+        readers = self._wait_readers(self.socket_path, timeout, 0.01)
+        # readers are listed in slot order: the first one is slot 0, the card's port
+        if self.reader_name is None:
+            self.reader_name = readers[0]
+        elif readers[0] != self.reader_name:
+            raise RuntimeError(f"reader renamed after restart: {readers[0]!r}")
 
 
 class HeldProcess:

@@ -33,7 +33,6 @@ find the daemon at its default path with the root's libraries. The network names
 host's: the virtual card (tests/vcard.py, run by the host's /usr/bin/python3) reaches vpcd on
 127.0.0.1. The namespace, and the mounts in it, end with its last process.
 """
-import atexit
 import fcntl
 import os
 import shutil
@@ -42,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed import (PYTHON, VCARD, CLIENT as CTYPES_CLIENT, START_TIMEOUT, HeldProcess,
-                     _die_with_parent, _spawn, _terminate, free_port_pair)
+from testbed import (CLIENT as CTYPES_CLIENT, START_TIMEOUT, HeldProcess,
+                     StackBase, _die_with_parent, _spawn, _terminate, free_port_pair)
 
 CACHE_DIR = Path(os.environ.get("PCSC_EBPF_SPY_CACHE", "/var/cache/pcsc-ebpf-spy"))
 ROOT_DIR = CACHE_DIR / "trixie-root"
@@ -67,7 +66,6 @@ PCSC_SPY = "/usr/bin/pcsc-spy"
 PCSCD = "/usr/sbin/pcscd"
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
 ROOT_PYTHON = "/usr/bin/python3"
-FRIENDLY_NAME = "Virtual PCD"
 # Every process started in the root gets this environment (plus what the caller adds),
 # not the host's (whose PATH points at a pyenv, LD_* could point at host libraries...).
 ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -88,15 +86,44 @@ def root_is_complete(root=ROOT_DIR):
 def ensure_root(log=None):
     """The path of a complete trixie root with pcsc-lite 2.3.3: the cached one, else built
     now (a few minutes at most; ~1 min here). `log`: a callable given progress messages."""
-    if root_is_complete():
-        return ROOT_DIR
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)        # another run may be building it: wait
-        if root_is_complete():
-            return ROOT_DIR
-        _build_root(log or (lambda msg: None))
+    build_once(root_is_complete, LOCK_FILE, lambda: _build_root(log or (lambda msg: None)))
     return ROOT_DIR
+
+
+def build_once(complete, lock_file, build):
+    """Unless complete(): build(), under lock_file (in CACHE_DIR): another run may be
+    building the same thing, then this one waits and finds it complete."""
+    if complete():
+        return
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete():
+            build()
+
+
+def remove_leftovers(target):
+    """The temporary and old copies of target (a directory in CACHE_DIR) that interrupted
+    builds left (call it holding the lock: none of them is being built)."""
+    for pattern in (".tmp-*", ".old-*"):
+        for stale in target.parent.glob(target.name + pattern):
+            _remove_tree(stale)
+
+
+def build_dir(target):
+    """The temporary directory where target is built (put_in_place renames it)."""
+    return target.parent / ("%s.tmp-%d" % (target.name, os.getpid()))
+
+
+def put_in_place(tmp, target, marker, recipe):
+    """Mark the build in tmp complete (its marker file holds recipe) and rename it to
+    target, replacing an incomplete or outdated one."""
+    (tmp / marker).write_text(recipe)
+    if os.path.lexists(target):
+        old = target.parent / ("%s.old-%d" % (target.name, os.getpid()))
+        os.rename(target, old)
+        _remove_tree(old)
+    os.rename(tmp, target)
 
 
 def _debootstrap():
@@ -139,12 +166,8 @@ rm -rf "$R"/var/lib/apt/lists/*
 
 def _build_root(log):
     debootstrap = _debootstrap()
-    # Leftovers of interrupted builds (we hold the lock: none of them is running).
-    for stale in CACHE_DIR.glob(ROOT_DIR.name + ".tmp-*"):
-        _remove_tree(stale)
-    for stale in CACHE_DIR.glob(ROOT_DIR.name + ".old-*"):
-        _remove_tree(stale)
-    tmp = CACHE_DIR / ("%s.tmp-%d" % (ROOT_DIR.name, os.getpid()))
+    remove_leftovers(ROOT_DIR)
+    tmp = build_dir(ROOT_DIR)
     log("building the pcsc-lite 2.3.3 root in %s (log: %s)" % (tmp, BUILD_LOG))
     started = time.monotonic()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root",
@@ -178,12 +201,7 @@ def _build_root(log):
             if isinstance(e, Exception):
                 raise RuntimeError("building the trixie root failed (%s):\n%s" % (e, tail)) from e
             raise
-    (tmp / MARKER).write_text(RECIPE)
-    if os.path.lexists(ROOT_DIR):        # an incomplete or outdated root
-        old = CACHE_DIR / ("%s.old-%d" % (ROOT_DIR.name, os.getpid()))
-        os.rename(ROOT_DIR, old)
-        _remove_tree(old)
-    os.rename(tmp, ROOT_DIR)
+    put_in_place(tmp, ROOT_DIR, MARKER, RECIPE)
     log("built the root in %.0f s" % (time.monotonic() - started))
 
 
@@ -212,7 +230,7 @@ exec chroot "$R" "$@"
 """
 
 
-class Pcsclite2Stack:
+class Pcsclite2Stack(StackBase):
     """pcscd 2.3.3 (chrooted into the trixie root, own mount namespace) with one vpcd
     reader and the virtual card of tests/vcard.py.
 
@@ -221,6 +239,8 @@ class Pcsclite2Stack:
     second reader on port + 1), reader_name ("Virtual PCD 00 00"), tmpdir (host path of
     the root's /tmp in this stack), pcscd_log and card_log (host paths).
     Properties: pcscd_pid, card_running, card_pid.
+    The card, the reader's state and close() are StackBase's (tests/testbed.py); here the
+    namespace and its mounts go with pcscd, once the clients started by the stack ended.
     """
 
     def __init__(self, card=True, pcscd_debug=False, root=None, log=None):
@@ -230,38 +250,13 @@ class Pcsclite2Stack:
         os.chmod(self.tmpdir, 0o1777)        # it is the root's /tmp
         self.pcscd_log = self.tmpdir / "pcscd.log"
         self.card_log = self.tmpdir / "card.log"
-        conf_dir = self.tmpdir / "reader.conf.d"  # pcscd -c takes a directory
-        conf_dir.mkdir()
-        (conf_dir / "reader.conf").write_text(
-            f'FRIENDLYNAME "{FRIENDLY_NAME}"\n'
-            f"DEVICENAME /dev/null:{self.port}\n"
-            f"LIBPATH {VPCD_DRIVER}\n"
-            f"CHANNELID {self.port}\n")
+        self._write_reader_conf(self.tmpdir / "reader.conf.d", VPCD_DRIVER)
         self.ctypes_client = self.install(CTYPES_CLIENT)
         self._pcscd_argv = [PCSCD, "-f", "--disable-polkit", "-c", "/tmp/reader.conf.d"] + (
             ["-d"] if pcscd_debug else [])
-        self._pcscd = self._card = None
-        self.reader_name = None
-        atexit.register(self.close)
-        try:
-            self._start_pcscd()
-            if card:
-                self.start_card()
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._start(card)
 
     # -- running things in the root --------------------------------------------------------
-    @property
-    def pcscd_pid(self):
-        return self._pcscd.pid
-
     def install(self, host_path, name=None):
         """Copy a host file (mode kept) into this stack's /tmp; its path inside the root."""
         name = name or Path(host_path).name
@@ -305,47 +300,6 @@ class Pcsclite2Stack:
         the root's libpcsclite.so.1)."""
         return self.run([ROOT_PYTHON, self.ctypes_client, *map(str, args)], **kwargs)
 
-    # -- the card --------------------------------------------------------------------------
-    def reader_state(self):
-        r = self.client("state", self.reader_name)
-        if r.returncode != 0:
-            raise RuntimeError(f"state query failed: {r.stderr.strip()}")
-        return int(r.stdout.split()[0], 16)
-
-    def wait_card_present(self, timeout=START_TIMEOUT):
-        self._wait_state("present", timeout)
-
-    def wait_card_absent(self, timeout=START_TIMEOUT):
-        self._wait_state("empty", timeout)
-
-    @property
-    def card_running(self):
-        return self._card is not None and self._card.poll() is None
-
-    @property
-    def card_pid(self):
-        return self._card.pid if self.card_running else None
-
-    def start_card(self, wait=True):
-        if not self.card_running:
-            self._card = _spawn([PYTHON, str(VCARD), "--port", str(self.port)], self.card_log)
-        if wait:
-            self.wait_card_present()
-
-    def stop_card(self, wait=True):
-        _terminate(self._card)
-        self._card = None
-        if wait:
-            self.wait_card_absent()
-
-    def close(self):
-        """Stop the card and pcscd (the namespace and its mounts go with pcscd, once the
-        clients started by this stack have ended), delete tmpdir. Idempotent."""
-        atexit.unregister(self.close)
-        _terminate(self._card)
-        _terminate(self._pcscd)
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
     # -- internals -------------------------------------------------------------------------
     def _start_pcscd(self, timeout=START_TIMEOUT):
         # unshare (no --fork), sh's exec and chroot's exec keep one pid: Popen's is pcscd's.
@@ -353,30 +307,7 @@ class Pcsclite2Stack:
                               str(self.tmpdir), *self._pcscd_argv], self.pcscd_log,
                              env=self.env())
         socket = "/proc/%d/root/run/pcscd/pcscd.comm" % self._pcscd.pid
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._pcscd.poll() is not None:
-                raise RuntimeError(f"pcscd exited with {self._pcscd.returncode}: {self._log_tail()}")
-            if os.path.exists(socket):
-                readers = self.client("list").stdout.split("\n")
-                if readers[0].startswith(FRIENDLY_NAME):
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pcscd not ready after {timeout} s: {self._log_tail()}")
-            time.sleep(0.02)
-        self.reader_name = readers[0]
-
-    def _wait_state(self, state, timeout):
-        r = self.client("wait", self.reader_name, state, timeout, timeout=timeout + 10)
-        if r.returncode != 0:
-            raise TimeoutError(f"reader {self.reader_name!r} not {state} after {timeout} s: "
-                               f"{r.stderr.strip()}")
-
-    def _log_tail(self, n=2000):
-        try:
-            return self.pcscd_log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        self.reader_name = self._wait_readers(socket, timeout, 0.02)[0]
 
 
 class ChrootHeldProcess(HeldProcess):
