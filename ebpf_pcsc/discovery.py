@@ -11,7 +11,7 @@ import re
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import layout as L
-from .targets import LIBPCSCLITE_FILE, Library
+from .targets import LIBPCSCLITE_FILE, Library, exported_functions
 
 _LOADER = re.compile(r"/ld-linux[-\w.]*\.so[.\d]*$")
 
@@ -63,6 +63,20 @@ def as_seen_by(pid: int, path: str) -> str:
     return path
 
 
+def executable(pid: int) -> Optional[Tuple[str, int, Library]]:
+    """(device, inode, Library) of the program process pid runs, with the
+    device written as /proc/PID/maps writes it.  The file is opened through
+    /proc/PID/exe, which reaches it from any mount namespace."""
+    exe = "/proc/%d/exe" % pid
+    try:
+        st = os.stat(exe)
+        path = os.readlink(exe)
+    except OSError:   # gone, or a kernel thread
+        return None
+    dev = "%02x:%02x" % (os.major(st.st_dev), os.minor(st.st_dev))
+    return dev, st.st_ino, Library(exe, as_seen_by(pid, path), pid)
+
+
 def pcsclite_version(pid: int, cache: Dict[str, Optional[str]]) -> Optional[str]:
     """The libpcsclite1 package version in the process's root, if dpkg knows it."""
     try:
@@ -112,8 +126,18 @@ class Discovery:
                 self.process(int(name), quiet=True)
 
     def process(self, pid: int, quiet: bool = False) -> List[Library]:
-        """Look at one process's maps; probe what is new."""
+        """Look at one process's program and maps; probe what is new."""
         new = []
+        program = executable(pid)
+        if program is not None and program[:2] not in self._images:
+            # Each program once: a program that defines SCard* itself
+            # (linked with pcsc-lite >= 2.3.1's libpcsclite.a) is probed.
+            self._images.add(program[:2])
+            lib = program[2]
+            if exported_functions(lib.path):
+                new.append(lib)
+                if self.capture.attach_library(lib) and not quiet:
+                    self.announce(self.describe(lib))
         for dev, ino, path in maps(pid):
             if _LOADER.search(path) and self.capture.discover:
                 if (dev, ino) not in self._loaders:

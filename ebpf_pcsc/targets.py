@@ -50,13 +50,13 @@ def for_pids(pids: Iterable[int]) -> List[Library]:
         if pid <= 0 or not os.path.isdir("/proc/%d" % pid):
             raise SpyError("no process with PID %d" % pid, "check the PID (ps -e)")
         root = "/proc/%d/root" % pid
-        from .discovery import maps, reachable, as_seen_by
+        from .discovery import as_seen_by, executable, maps, reachable
         found = [Library(reachable(pid, path, dev, ino), as_seen_by(pid, path), pid)
                  for dev, ino, path in maps(pid) if LIBPCSCLITE_FILE.search(path)]
-        exe = "/proc/%d/exe" % pid
-        if exported_functions(exe):
+        program = executable(pid)
+        if program is not None and exported_functions(program[2].path):
             # libpcsclite linked into the program (pcsc-lite >= 2.3.1 ships a .a)
-            found.insert(0, Library(exe, os.readlink(exe), pid))
+            found.insert(0, program[2])
         if not found:
             path = system_library(root)
             found.append(Library(path, path[len(root):], pid, loaded=False))
