@@ -1,4 +1,5 @@
-"""Fixtures: the private PC/SC stack, the compiled C client, the tracer.
+"""Fixtures: the private PC/SC stack, the compiled C client, the processes
+a test starts on the stack, the tracer.
 
 These tests need root (eBPF, mount namespaces): run them with `sudo make
 test`.  Nothing is skipped when they cannot run: they fail, saying why.
@@ -42,6 +43,27 @@ def stack(session_stack):
     if not session_stack.card_running:
         session_stack.start_card()
     return session_stack
+
+
+@pytest.fixture
+def spawn(stack):
+    """spawn(argv, stdin=False): start argv on the private stack, output
+    piped (tests/processes.py has what to do with it); any process still
+    running when the test ends is killed."""
+    started = []
+
+    def start(argv, stdin=False):
+        p = subprocess.Popen([str(a) for a in argv], env=stack.env,
+                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture

@@ -14,109 +14,13 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import pytest
 
+from processes import finish, held, start_waiting_client, stopped
 from testbed import PYTHON, TESTS_DIR
 from tracer import ROOT, START_TIMEOUT, command
-
-# -- reading a trace -------------------------------------------------------------
-
-NAME = re.compile(r"^SCard[A-Za-z]+$")
-LABEL = re.compile(r"^\[pid (\d+) tid (\d+) (.*)\]$")
-RV = re.compile(r"\[(0x[0-9A-F]{8})\]\)  \[[\d.?]+\]$")
-HEADER = re.compile(r"^Thread (\d+)/(\d+)(?: \(pid (\d+) tid (\d+) (.*)\))?$", re.M)
-HEXDUMP = re.compile(r"^ [io]  ([0-9A-F]{4}) (.{47}) ")
-
-
-@dataclass
-class TracedCall:
-    thread: int               # the thread's number in the trace (indentation / 4)
-    name: str
-    lines: List[str] = field(default_factory=list)   # " i ...", " o ..."
-    result: Optional[str] = None                      # the " => ..." line
-    rv: Optional[str] = None  # "0x...", None while the call has not returned
-
-    def buffer(self, label: str) -> bytes:
-        """The bytes of a hexdumped buffer (label: " i bSendBuffer", ...)."""
-        start = self.lines.index(label) + 1
-        data = bytearray()
-        for line in self.lines[start:]:
-            m = HEXDUMP.match(line)
-            if not m:
-                break
-            assert int(m.group(1), 16) == len(data) % 0x10000, line
-            data += bytes.fromhex(m.group(2))
-        return bytes(data)
-
-
-@dataclass
-class Thread:
-    number: int               # 0-based, as in the indentation
-    pid: Optional[int]        # None: one process only, the headers do not name it
-    tid: Optional[int]
-    comm: Optional[str]
-
-
-@dataclass
-class Trace:
-    calls: List[TracedCall]
-    labels: Dict[int, tuple]      # thread number -> (pid, tid, comm) of its label line
-    threads: List[Thread]         # the summary's thread sections, in order
-
-    def threads_of(self, pid) -> List[Thread]:
-        """The threads of process pid (all of them when only one process was traced)."""
-        return [th for th in self.threads if th.pid in (pid, None)]
-
-    def calls_of(self, pid) -> List[TracedCall]:
-        numbers = {th.number for th in self.threads_of(pid)}
-        return [c for c in self.calls if c.thread in numbers]
-
-
-def parse_trace(text: str) -> Trace:
-    """The calls of a trace (in the order they started), grouped by thread
-    through their indentation (4 spaces per thread), the `[pid tid comm]`
-    label lines and the summary's thread sections (absent while the tracer
-    runs)."""
-    body, sep, summary = text.partition("\nThread 1/")
-    calls, labels, running = [], {}, {}
-    for line in body.splitlines():
-        if not line.strip():
-            continue
-        lead = len(line) - len(line.lstrip(" "))
-        thread = lead // 4
-        rest = line[4 * thread:]
-        tag = re.match(r"^ \(t(\d+)\) ", rest)
-        if tag:
-            assert int(tag.group(1)) == thread, line
-            rest = rest[tag.end():]
-        if NAME.match(rest):
-            call = running[thread] = TracedCall(thread, rest)
-            calls.append(call)
-        elif LABEL.match(rest):
-            pid, tid, comm = LABEL.match(rest).groups()
-            labels[thread] = (int(pid), int(tid), comm)
-        elif rest.startswith(" => ") and thread in running:
-            running[thread].result = rest
-            running[thread].rv = RV.search(rest).group(1)
-        elif rest[:3] in (" i ", " o ") and thread in running:
-            running[thread].lines.append(rest)
-    threads = []
-    for n, total, pid, tid, comm in (HEADER.findall("Thread 1/" + summary) if sep else []):
-        threads.append(Thread(int(n) - 1, int(pid) if pid else None,
-                              int(tid) if tid else None, comm or None))
-    return Trace(calls, labels, threads)
-
-
-def calls_of_client(stdout: str):
-    """What pcsc_client printed: (function, rv) per call."""
-    return [tuple(line.split(" rv=")) for line in stdout.splitlines() if " rv=" in line]
-
-
-def names_and_rvs(calls):
-    return [(c.name, c.rv) for c in calls]
+from tracetext import NAME, calls_of_client, names_and_rvs, parse_trace
 
 
 def wait_for(predicate, what, timeout=30.0):
@@ -128,46 +32,7 @@ def wait_for(predicate, what, timeout=30.0):
         time.sleep(0.02)
 
 
-# -- processes ------------------------------------------------------------------
-
-@pytest.fixture
-def procs():
-    """Processes a test starts; any still running at the end is killed."""
-    started = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-@pytest.fixture
-def spawn(stack, procs):
-    """spawn(argv, stdin=False): start argv on the private stack, output piped."""
-    def start(argv, stdin=False):
-        p = subprocess.Popen([str(a) for a in argv], env=stack.env,
-                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(p)
-        return p
-    return start
-
-
-def finish(p, input=None):
-    """Wait for p (after giving it input); its stdout; it must succeed."""
-    out, err = p.communicate(input, timeout=60)
-    assert p.returncode == 0, err
-    return out
-
-
-# `sh -c EXEC_LATER sh CMD...` waits for a line on stdin, then execs CMD: a pid
-# to give -p before CMD (any client scenario) makes a call.
-EXEC_LATER = 'read line; exec "$@"'
-
-
-def held(spawn, *argv):
-    return spawn(["sh", "-c", EXEC_LATER, "sh", *argv], stdin=True)
-
+# -- a client traced ------------------------------------------------------------
 
 def traced_alone(spawn, tracer, client_bin, scenario, *tracer_args):
     """Run one client scenario traced with -p (nothing else in the trace):
@@ -185,9 +50,7 @@ def traced(spawn, tracer, argv, *tracer_args):
     t = tracer("-n", *tracer_args)
     p = spawn(argv)
     out = finish(p)
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    trace = parse_trace(res.stdout)
+    trace = stopped(t)
     return trace.calls_of(p.pid), trace, out, p.pid
 
 
@@ -409,8 +272,7 @@ def test_blocked_scenario_of_the_c_client(spawn, tracer, client_bin):
 
 def test_process_killed_inside_a_call(spawn, client_bin, live_tracer, tmp_path):
     blocker = start_blocker(spawn)
-    client = spawn([client_bin, "wait-then-run"], stdin=True)
-    assert client.stdout.readline() == "ready\n"
+    client = start_waiting_client(spawn, client_bin)
     out = tmp_path / "trace"
     with open(out, "w") as f:
         t = live_tracer("-n", "-d", "-p", blocker.pid, "-p", client.pid, stdout=f)

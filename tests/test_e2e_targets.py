@@ -11,12 +11,10 @@ calls by pid.
 import os
 import re
 import subprocess
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
-import pytest
-
+from processes import finish, held, start_waiting_client, stopped
 from testbed import PYTHON, TESTS_DIR
+from tracetext import calls_of_client, names_and_rvs, parse_trace
 
 SYSTEM_LIB = "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1"
 REAL_LIB = os.path.realpath(SYSTEM_LIB)
@@ -25,132 +23,7 @@ DEMO_CALLS = [(name, "0x00000000") for name in (
     "SCardEstablishContext", "SCardListReaders", "SCardListReaders", "SCardConnect",
     "SCardTransmit", "SCardTransmit", "SCardDisconnect", "SCardReleaseContext")]
 
-# -- reading a trace -----------------------------------------------------------
-
-NAME = re.compile(r"^SCard[A-Za-z]+$")
-LABEL = re.compile(r"^\[pid (\d+) tid (\d+) (.*)\]$")
-RV = re.compile(r"\[(0x[0-9A-F]{8})\]\)  \[[\d.?]+\]$")
-HEADER = re.compile(r"^Thread (\d+)/(\d+)(?: \(pid (\d+) tid (\d+) (.*)\))?$", re.M)
-
-
-@dataclass
-class TracedCall:
-    thread: int               # the thread's number in the trace (indentation / 4)
-    name: str
-    lines: List[str] = field(default_factory=list)   # " i ...", " o ..."
-    rv: Optional[str] = None  # "0x...", None while the call has not returned
-
-
-@dataclass
-class Thread:
-    number: int               # 0-based, as in the indentation
-    pid: Optional[int]        # None: one process only, the headers do not name it
-    tid: Optional[int]
-    comm: Optional[str]
-
-
-@dataclass
-class Trace:
-    calls: List[TracedCall]
-    labels: Dict[int, tuple]      # thread number -> (pid, tid, comm) of its label line
-    threads: List[Thread]         # the summary's thread sections, in order
-
-    @property
-    def several_processes(self) -> bool:
-        return any(th.pid is not None for th in self.threads)
-
-    def threads_of(self, pid) -> List[Thread]:
-        """The threads of process pid (all of them when only one process was traced)."""
-        return [th for th in self.threads if th.pid in (pid, None)]
-
-    def calls_of(self, pid) -> List[TracedCall]:
-        numbers = {th.number for th in self.threads_of(pid)}
-        return [c for c in self.calls if c.thread in numbers]
-
-
-def parse_trace(text: str) -> Trace:
-    """The calls of a trace (in the order they started), grouped by thread
-    through their indentation (4 spaces per thread), the `[pid tid comm]`
-    label lines and the summary's thread sections."""
-    body, sep, summary = text.partition("\nThread 1/")
-    calls, labels, running = [], {}, {}
-    for line in body.splitlines():
-        if not line.strip():
-            continue
-        lead = len(line) - len(line.lstrip(" "))
-        thread = lead // 4
-        rest = line[4 * thread:]
-        tag = re.match(r"^ \(t(\d+)\) ", rest)
-        if tag:
-            assert int(tag.group(1)) == thread, line
-            rest = rest[tag.end():]
-        if NAME.match(rest):
-            call = running[thread] = TracedCall(thread, rest)
-            calls.append(call)
-        elif LABEL.match(rest):
-            pid, tid, comm = LABEL.match(rest).groups()
-            labels[thread] = (int(pid), int(tid), comm)
-        elif rest.startswith(" => "):
-            running[thread].rv = RV.search(rest).group(1)
-        elif rest[:3] in (" i ", " o "):
-            running[thread].lines.append(rest)
-        # anything else: pcsc-spy's raw lines (SCardControl parsing), unindented
-    threads = []
-    for n, total, pid, tid, comm in (HEADER.findall("Thread 1/" + summary) if sep else []):
-        assert int(n) == len(threads) + 1
-        threads.append(Thread(int(n) - 1, int(pid) if pid else None,
-                              int(tid) if tid else None, comm or None))
-    assert {c.thread for c in calls} <= {th.number for th in threads}
-    return Trace(calls, labels, threads)
-
-
-def calls_of_client(stdout: str):
-    """What pcsc_client printed: (function, rv) per call."""
-    return [tuple(line.split(" rv=")) for line in stdout.splitlines() if " rv=" in line]
-
-
-def names_and_rvs(calls):
-    return [(c.name, c.rv) for c in calls]
-
-
 # -- processes ------------------------------------------------------------------
-
-@pytest.fixture
-def procs():
-    """Processes a test starts; any still running at the end is killed."""
-    started = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-@pytest.fixture
-def spawn(stack, procs):
-    """spawn(argv, stdin=False): start argv on the private stack, output piped."""
-    def start(argv, stdin=False):
-        p = subprocess.Popen([str(a) for a in argv], env=stack.env,
-                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(p)
-        return p
-    return start
-
-
-def finish(p, input=None):
-    """Wait for p (after giving it input); its stdout; it must succeed."""
-    out, err = p.communicate(input, timeout=60)
-    assert p.returncode == 0, err
-    return out
-
-
-def start_waiting_client(spawn, client_bin):
-    """pcsc_client wait-then-run: its libpcsclite is mapped, it has made no call."""
-    p = spawn([client_bin, "wait-then-run"], stdin=True)
-    assert p.stdout.readline() == "ready\n"
-    return p
-
 
 def release(*procs):
     """Let wait-then-run clients go (all at once); wait for them; their output."""
@@ -158,12 +31,6 @@ def release(*procs):
         p.stdin.write("\n")
         p.stdin.flush()
     return [finish(p) for p in procs]
-
-
-def stopped(t):
-    res = t.stop()
-    assert res.returncode == 0, res.stderr
-    return parse_trace(res.stdout)
 
 
 # -- system-wide ------------------------------------------------------------------
@@ -335,11 +202,8 @@ def test_pid_of_a_process_that_loads_the_library_later(spawn, tracer):
     assert names_and_rvs(stopped(t).calls) == DEMO_CALLS
 
 
-EXEC_LATER = 'read line; exec "$@"'
-
-
 def test_pid_of_a_shell_that_execs_a_client_later(spawn, client_bin, tracer):
-    p = spawn(["sh", "-c", EXEC_LATER, "sh", client_bin, "all"], stdin=True)
+    p = held(spawn, client_bin, "all")
     t = tracer("-n", "-p", p.pid)
     assert "process %d has not loaded libpcsclite yet" % p.pid in t.stderr_so_far
     out = finish(p, "\n")  # same pid, now pcsc_client

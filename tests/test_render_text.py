@@ -13,7 +13,6 @@ makes on purpose:
 - a buffer a failed call returns is not read (stale memory): " NULL" where
   libpcscspy dumps whatever the buffer holds.
 """
-import io
 import re
 
 import pytest
@@ -22,60 +21,23 @@ from ebpf_pcsc import layout as L
 from ebpf_pcsc import pcsc_text as T
 from ebpf_pcsc.calls import Assembler, Call, Captured, Phase, ReaderState
 from ebpf_pcsc.functions import BY_NAME, FUNCTIONS
-from ebpf_pcsc.stats import Stats
 from record_events import read_records, records_path
+from rendering import TextOutput, render_calls
 
 BLUE, GREEN, MAGENTA, RED, NORMAL = "\x1b[34m", "\x1b[32m", "\x1b[35m", "\x1b[01;31m", "\x1b[0m"
 
 
-class Fanout:
-    """What the session does: stats first, then the text."""
-
-    def __init__(self, stats, text):
-        self.stats, self.text = stats, text
-
-    def enter(self, call):
-        self.stats.enter(call)
-        self.text.enter(call)
-
-    def leave(self, call):
-        self.stats.leave(call)
-        self.text.leave(call)
-
-    def abort(self, call):
-        self.stats.abort(call)
-        self.text.abort(call)
-
-
 def render_records(records, summary=False, **options):
-    stats, out = Stats(), io.StringIO()
-    text = T.TextSink(stats, out=out, **options)
-    assembler = Assembler(FUNCTIONS, Fanout(stats, text))
+    """The text of recorded events, assembled into calls as the session does."""
+    output = TextOutput(**options)
+    assembler = Assembler(FUNCTIONS, output)
     for raw in records:
         assembler.feed(raw)
-    if summary:
-        text.summary()
-    return out.getvalue()
+    return output.printed(summary)
 
 
 def render(name, **options):
     return render_records(read_records(records_path(name)), **options)
-
-
-def render_calls(calls, summary=False, **options):
-    """Synthetic calls, each entered then left (or aborted)."""
-    stats, out = Stats(), io.StringIO()
-    text = T.TextSink(stats, out=out, **options)
-    sink = Fanout(stats, text)
-    for c in calls:
-        sink.enter(c)
-        if c.aborted:
-            sink.abort(c)
-        else:
-            sink.leave(c)
-    if summary:
-        text.summary()
-    return out.getvalue()
 
 
 def make_call(fname, args=None, entry=None, exit=None, rv=0, pid=1000, tid=1000,
@@ -555,62 +517,18 @@ def test_blocked_second_thread_indented():
 
 # -- threads, -t -------------------------------------------------------------------
 
-WORKER = """\
-SCardEstablishContext
- i dwScope: SCARD_SCOPE_SYSTEM (0x00000002)
- o hContext: 0x????
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-SCardConnect
- i hContext: 0x????
- i szReader Virtual PCD 00 00
- i dwShareMode: SCARD_SHARE_SHARED (0x00000002)
- i dwPreferredProtocols: 0x00000003 (T=0, T=1)
- i phCard 0x????
- i pdwActiveProtocol 0x00000000 (0)
- o phCard 0x????
- o dwActiveProtocol: T=1 (0x00000002)
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-""" + """\
-SCardTransmit
- i hCard: 0x????
- i pioSendPci.dwProtocol: 0x????
- i pioSendPci.cbPciLength: 0x????
- i bSendLength 0x00000005 (5)
- i bSendBuffer
- i  0000 00 84 00 00 08                                  .....
- o pioRecvPci.dwProtocol: 0x????
- o pioRecvPci.cbPciLength: 0x????
- o bRecvLength 0x0000000A (10)
- o bRecvBuffer
- o  0000 00 01 02 03 04 05 06 07 90 00                   ..........
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-""" * 3 + """\
-SCardDisconnect
- i hCard: 0x????
- i dwDisposition: SCARD_LEAVE_CARD (0x00000000)
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-SCardReleaseContext
- i hContext: 0x????
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-"""
+def call_in_all(name, n=0):
+    """The expected text of the n-th call to name in the `all` scenario."""
+    return [b for b in blocks(EXPECTED_ALL) if b.startswith(name + "\n")][n]
 
-MAIN = """\
-SCardEstablishContext
- i dwScope: SCARD_SCOPE_SYSTEM (0x00000002)
- o hContext: 0x????
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-SCardListReaders
- i hContext: 0x????
- i mszGroups: (null)
- o pcchReaders: 0x00000025
- o mszReaders: Virtual PCD 00 00
- o mszReaders: Virtual PCD 00 01
- o mszReaders: 
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-SCardReleaseContext
- i hContext: 0x????
- => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]
-"""
+
+# threads_2_3's threads make calls of the `all` scenario, which print the same:
+# the main thread lists the readers, each worker sends GET CHALLENGE three times.
+MAIN = (call_in_all("SCardEstablishContext") + call_in_all("SCardListReaders", 1)
+        + call_in_all("SCardReleaseContext"))
+WORKER = (call_in_all("SCardEstablishContext") + call_in_all("SCardConnect")
+          + call_in_all("SCardTransmit", 1) * 3
+          + call_in_all("SCardDisconnect") + call_in_all("SCardReleaseContext"))
 
 
 def _per_thread(text, prefixes):
@@ -622,23 +540,19 @@ def _per_thread(text, prefixes):
     return {p: "".join(l + "\n" for l in lines) for p, lines in threads.items()}
 
 
-def test_threads_with_thread_prefix():
-    """-t: " (tN) " after the thread's 4*N spaces, as pcsc-spy -t."""
-    text = render("threads_2_3", diffable=True, show_thread=True)
-    prefixes = [" (t0) ", "     (t1) ", "         (t2) "]
+@pytest.mark.parametrize("show_thread, prefixes", [
+    (False, ["", "    ", "        "]),
+    (True, [" (t0) ", "     (t1) ", "         (t2) "]),
+], ids=["indent", "thread-prefix"])
+def test_threads(show_thread, prefixes):
+    """4 spaces per thread number; -t adds " (tN) " after them, as pcsc-spy -t."""
+    text = render("threads_2_3", diffable=True, show_thread=show_thread)
     assert all(any(l.startswith(p) for p in prefixes) for l in text.splitlines())
-    assert _per_thread(text, prefixes) == {prefixes[0]: MAIN, prefixes[1]: WORKER,
-                                           prefixes[2]: WORKER}
-    # the main thread's first lines, then a worker's first call
-    assert text.splitlines()[:2] == [" (t0) SCardEstablishContext",
-                                     " (t0)  i dwScope: SCARD_SCOPE_SYSTEM (0x00000002)"]
-
-
-def test_threads_without_prefix():
-    text = render("threads_2_3", diffable=True)
-    assert _per_thread(text, ["", "    ", "        "]) == {"": MAIN, "    ": WORKER,
-                                                          "        ": WORKER}
-    assert "(t" not in text
+    assert _per_thread(text, prefixes) == dict(zip(prefixes, [MAIN, WORKER, WORKER]))
+    main = prefixes[0]
+    assert text.splitlines()[:2] == [main + "SCardEstablishContext",
+                                     main + " i dwScope: SCARD_SCOPE_SYSTEM (0x00000002)"]
+    assert ("(t" in text) == show_thread
 
 
 # -- colours -----------------------------------------------------------------------

@@ -22,7 +22,6 @@ threads race (how two threads' lines interleave, §12), each thread's lines
 are compared.
 """
 import difflib
-import io
 import json
 import re
 import sys
@@ -34,8 +33,7 @@ import pytest
 import spy_reference as ref
 from ebpf_pcsc import layout as L
 from ebpf_pcsc import record, spylog
-from ebpf_pcsc.pcsc_text import TextSink
-from ebpf_pcsc.stats import Stats
+from rendering import TextOutput, render_calls
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data" / "spylogs"
@@ -64,50 +62,11 @@ def fixture_text(name: str) -> str:
 
 # -- our side ---------------------------------------------------------------------
 
-class Fanout:
-    """What the session does: stats first, then the text."""
-
-    def __init__(self, stats, text):
-        self.stats, self.text = stats, text
-        self.unfinished_calls = []
-
-    def enter(self, call):
-        self.stats.enter(call)
-        self.text.enter(call)
-
-    def leave(self, call):
-        self.stats.leave(call)
-        self.text.leave(call)
-
-    def abort(self, call):
-        self.stats.abort(call)
-        self.text.abort(call)
-
-    def unfinished(self, call):
-        self.unfinished_calls.append(call)
-
-
 def ours(raw: str, diffable: bool = True, color: bool = False) -> str:
     """Our text for a raw log: spylog.replay into TextSink, then the summary."""
-    stats, out = Stats(), io.StringIO()
-    text = TextSink(stats, out=out, diffable=diffable, color=color)
-    spylog.replay(LOG, raw.splitlines(keepends=True), Fanout(stats, text))
-    text.summary()
-    return out.getvalue()
-
-
-def ours_call_by_call(raw: str) -> str:
-    """Our text from read_calls, each call entered then left (an unfinished
-    one only entered): for a single thread, the log's order."""
-    stats, out = Stats(), io.StringIO()
-    text = TextSink(stats, out=out, diffable=True)
-    sink = Fanout(stats, text)
-    for call in spylog.read_calls(LOG, raw.splitlines(keepends=True)):
-        sink.enter(call)
-        if call.rv is not None:
-            sink.leave(call)
-    text.summary()
-    return out.getvalue()
+    output = TextOutput(diffable=diffable, color=color)
+    spylog.replay(LOG, raw.splitlines(keepends=True), output)
+    return output.printed(summary=True)
 
 
 # -- pcsc-spy's side: the documented differences undone ---------------------------
@@ -266,7 +225,8 @@ def test_read_calls_gives_the_same_calls(name):
     """read_calls: the calls replay hands over, in the order of their return
     lines; call by call they print the same text for one thread."""
     raw = fixture_log(name)
-    assert ours_call_by_call(raw) == ours(raw)
+    calls = spylog.read_calls(LOG, raw.splitlines(keepends=True))
+    assert render_calls(calls, summary=True, diffable=True) == ours(raw)
 
 
 def log_values(raw: str, thread: int, first: str) -> List[str]:
@@ -411,11 +371,10 @@ def test_unfinished_call_application_killed():
     assert (last.name, last.rv, last.exit, last.ret_ts, last.aborted) == \
         ("SCardTransmit", None, None, None, False)
     assert all(c.rv is not None for c in calls[:-1])
-    stats, out = Stats(), io.StringIO()
-    sink = Fanout(stats, TextSink(stats, out=out, diffable=True))
-    spylog.replay(LOG, lines, sink)
-    assert [c.name for c in sink.unfinished_calls] == ["SCardTransmit"]
-    text, _ = ref.split_summary(out.getvalue())
+    output = TextOutput(diffable=True)
+    spylog.replay(LOG, lines, output)
+    assert [c.name for c in output.unfinished_calls] == ["SCardTransmit"]
+    text, _ = ref.split_summary(output.printed())
     assert text[-7:] == [
         "SCardTransmit", " i hCard: 0x????", " i pioSendPci.dwProtocol: 0x????",
         " i pioSendPci.cbPciLength: 0x????", " i bSendLength 0x0000000C (12)", " i bSendBuffer",
@@ -524,13 +483,12 @@ def test_corrupt_line_after_calls():
         assert error_line(error) == n + 1, (bad, error.problem)
         assert "SCardGetAttrib" in error.problem and "pbAttr" in error.problem
     # The replay renders the calls before, then raises.
-    stats, out = Stats(), io.StringIO()
-    text = TextSink(stats, out=out, diffable=True)
+    output = TextOutput(diffable=True)
     broken = lines[:n] + [lines[n].replace("3B 80 80 01 01 ", "3B 80")] + lines[n + 1:]
     with pytest.raises(record.FormatError) as e:
-        spylog.replay(LOG, broken, Fanout(stats, text))
+        spylog.replay(LOG, broken, output)
     assert error_line(e.value) == n + 1
-    assert out.getvalue().count(" => ") == 4
+    assert output.printed().count(" => ") == 4
 
 
 def test_wrong_return_line():
