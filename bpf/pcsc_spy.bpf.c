@@ -7,12 +7,51 @@
 #include <uapi/linux/ptrace.h>
 #include "pcsc_event.h"
 
+/* The records' way to user space: the perf buffer (one ring per CPU), or,
+ * with PCSC_RINGBUF (Linux >= 5.8), one BPF ring buffer shared by the CPUs,
+ * which costs the traced thread less per record.  Either way user space is
+ * woken once per PCSC_WAKEUP_EVENTS records, not for each: every wakeup is
+ * an interrupt the traced thread pays for; the rest is read when its poll
+ * times out. */
+#ifdef PCSC_RINGBUF
+BPF_RINGBUF_OUTPUT(events, PCSC_RINGBUF_PAGES);
+/* Per CPU: [0] records since the last wakeup, [1] records lost (ring full). */
+BPF_PERCPU_ARRAY(ring_counts, u64, 2);
+
+static __always_inline void emit(void *ctx, void *data, u32 size)
+{
+	u32 since = 0, lost = 1;
+	u64 *n = ring_counts.lookup(&since);
+	u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (n && ++*n >= PCSC_WAKEUP_EVENTS) {
+		*n = 0;
+		flags = BPF_RB_FORCE_WAKEUP;
+	}
+	if (events.ringbuf_output(data, size, flags) < 0) {
+		n = ring_counts.lookup(&lost);
+		if (n)
+			++*n;
+	}
+}
+#else
 BPF_PERF_OUTPUT(events);
 
-/* The call in flight on each thread, from entry to return.  LRU so that a
- * thread we never see return from (killed by a signal the exit probe below
- * missed) can never fill the map. */
-BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 16384);
+static __always_inline void emit(void *ctx, void *data, u32 size)
+{
+	events.perf_submit(ctx, data, size);
+}
+#endif
+
+/* The call in flight on each thread, from entry to return, in the thread's
+ * own storage: no hashing, no locks, no allocation per call, and it dies
+ * with the thread.  A record whose head.call_ts is 0 is idle. */
+BPF_TASK_STORAGE(inflight, struct pcsc_call);
+
+static __always_inline struct pcsc_call *inflight_get(u64 flags)
+{
+	return inflight.task_storage_get(bpf_get_current_task_btf(), NULL, flags);
+}
 
 /* Scratch space: a RETURN record and a DATA chunk are far larger than the
  * 512-byte BPF stack. */
@@ -45,24 +84,20 @@ static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
  * application's own, is reported). */
 static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 func, int nargs)
 {
-	u32 zero = 0;
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
 	struct pcsc_call *c;
 
 #ifdef PCSC_FILTER_PIDS
-	u32 pid = id >> 32;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
 	if (!traced_pids.lookup(&pid))
 		return NULL;
 #endif
-	c = inflight.lookup(&tid);
-	if (c) {
+	c = inflight_get(BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c)
+		return NULL;
+	if (c->head.call_ts) {
 		c->depth++;
 		return NULL;
 	}
-	c = scratch_call.lookup(&zero);
-	if (!c)
-		return NULL;
 	__builtin_memset(c, 0, sizeof(*c));
 	fill_head(&c->head, PCSC_REC_ENTER, func);
 	c->args[0] = PT_REGS_PARM1(ctx);
@@ -74,8 +109,7 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 fun
 	/* x86-64: the 7th argument is on the stack, above the return address. */
 	if (nargs > 6)
 		bpf_probe_read_user(&c->args[6], sizeof(u64), (void *)(PT_REGS_SP(ctx) + 8));
-	inflight.update(&tid, c);
-	return inflight.lookup(&tid);
+	return c;
 }
 
 /* Return of an SCard* function.  *entry receives the in-flight record (the
@@ -84,11 +118,10 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 fun
 static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pcsc_call **entry)
 {
 	u32 zero = 0;
-	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct pcsc_call *c, *r;
 
-	c = inflight.lookup(&tid);
-	if (!c)
+	c = inflight_get(0);
+	if (!c || !c->head.call_ts)
 		return NULL;
 	if (c->depth) {
 		c->depth--;
@@ -109,11 +142,13 @@ static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pc
 
 static __always_inline void call_submit(struct pt_regs *ctx, struct pcsc_call *r)
 {
-	u32 tid = r->head.tid;
+	emit(ctx, r, sizeof(*r));
+	if (r->head.kind == PCSC_REC_RETURN) {
+		struct pcsc_call *c = inflight_get(0);
 
-	events.perf_submit(ctx, r, sizeof(*r));
-	if (r->head.kind == PCSC_REC_RETURN)
-		inflight.delete(&tid);
+		if (c)
+			c->head.call_ts = 0;   /* the thread is out of the call */
+	}
 }
 
 /* One 64-bit word through a pointer: *(u64 *)(addr + off). */
@@ -174,7 +209,7 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 	if (!addr) {
 		d->flags = PCSC_DATA_NULL;
 		d->total = len > 0xffffffffULL ? 0xffffffff : len;
-		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+		emit(ctx, d, offsetof(struct pcsc_data, data));
 		return;
 	}
 	if (len > PCSC_MAX_BUFFER) {
@@ -200,11 +235,11 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 		if (bpf_probe_read_user(d->data, n, (void *)(addr + off))) {
 			d->flags |= PCSC_DATA_FAULT;
 			d->len = 0;
-			events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+			emit(ctx, d, offsetof(struct pcsc_data, data));
 			return;
 		}
 		d->len = n;
-		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data) + n);
+		emit(ctx, d, offsetof(struct pcsc_data, data) + n);
 	}
 }
 
@@ -219,7 +254,7 @@ static __always_inline void emit_str(struct pt_regs *ctx, struct pcsc_head *h,
 		return;
 	if (!addr) {
 		d->flags = PCSC_DATA_NULL;
-		events.perf_submit(ctx, d, offsetof(struct pcsc_data, data));
+		emit(ctx, d, offsetof(struct pcsc_data, data));
 		return;
 	}
 	n = bpf_probe_read_user_str(d->data, PCSC_MAX_STRING, (void *)addr);
@@ -234,7 +269,7 @@ static __always_inline void emit_str(struct pt_regs *ctx, struct pcsc_head *h,
 	n &= PCSC_MAX_STRING - 1;
 	d->len = n;
 	d->total = n;
-	events.perf_submit(ctx, d, offsetof(struct pcsc_data, data) + n);
+	emit(ctx, d, offsetof(struct pcsc_data, data) + n);
 }
 
 /* An SCARD_READERSTATE array: the structures (index 0), then the reader name
@@ -271,13 +306,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (tid == id >> 32)
 		traced_pids.delete(&tid);
 #endif
-	c = inflight.lookup(&tid);
-	if (!c)
+	c = inflight_get(0);
+	if (!c || !c->head.call_ts)
 		return 0;
 	c->head.kind = PCSC_REC_ABORT;
 	c->head.ts = bpf_ktime_get_ns();
-	events.perf_submit(ctx, c, sizeof(*c));
-	inflight.delete(&tid);
+	emit(ctx, c, sizeof(*c));
+	c->head.call_ts = 0;
 	return 0;
 }
 
@@ -308,9 +343,23 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
  * start and in dlopen(): user space then looks for new libpcsclite images in
  * that process's maps.  A program start may bring a new loader (another root
  * or container): user space probes that one too.  These records have their
- * own perf buffer, which wakes user space at each one (the calls' buffer
- * wakes it once per batch): the process is about to call what it loaded. */
+ * own buffer, which wakes user space at each one (the calls' buffer wakes
+ * it once per batch): the process is about to call what it loaded. */
+#ifdef PCSC_RINGBUF
+BPF_RINGBUF_OUTPUT(loads, 1);
+
+static __always_inline void emit_load(void *ctx, void *data, u32 size)
+{
+	loads.ringbuf_output(data, size, BPF_RB_FORCE_WAKEUP);
+}
+#else
 BPF_PERF_OUTPUT(loads);
+
+static __always_inline void emit_load(void *ctx, void *data, u32 size)
+{
+	loads.perf_submit(ctx, data, size);
+}
+#endif
 
 static __always_inline void notify(void *ctx, u16 kind)
 {
@@ -322,7 +371,7 @@ static __always_inline void notify(void *ctx, u16 kind)
 		return;
 #endif
 	fill_head(&h, kind, 0);
-	loads.perf_submit(ctx, &h, sizeof(h));
+	emit_load(ctx, &h, sizeof(h));
 }
 
 int pcsc_loaded(struct pt_regs *ctx)

@@ -72,14 +72,24 @@ class _CapturedOutput:
         return (errors or lines or ["no message"])[0][:200]
 
 
+TRANSPORTS = ("perf", "ring")
+
+
 class Capture:
+    """transport: "perf" (the perf buffer, per CPU) or "ring" (one BPF ring
+    buffer, Linux >= 5.8: cheaper per record for the traced thread).
+    perf_pages: the perf buffer's pages per CPU; the ring buffer gets as
+    many in all as the perf buffers would."""
+
     def __init__(self, functions: Sequence[Function], libraries: Sequence[Library],
                  pids: Optional[Sequence[int]] = None, perf_pages: Optional[int] = None,
-                 discover: bool = False):
+                 discover: bool = False, transport: str = "perf"):
         self.functions = functions
         self.libraries = libraries
         self.pids = list(pids) if pids is not None else None
         self.perf_pages = perf_pages or default_perf_pages()
+        self.ring = transport == "ring"
+        self._ring_lost = 0
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0
@@ -106,7 +116,9 @@ class Capture:
                            "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
         self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
-        cflags = codegen.cflags(self.pids is not None, self.discover, self.multi)
+        cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
+                                ring_pages=self._ring_pages() if self.ring else None,
+                                wakeup_events=WAKEUP_EVENTS)
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:
@@ -130,15 +142,25 @@ class Capture:
         for lib in self.libraries:
             self.attach_library(lib, strict=True)
 
-        def lost(count):
-            self.lost += count
-            on_lost(count)
+        self._on_lost = on_lost
+        if self.ring:
+            bpf["events"].open_ring_buffer(self._on_sample)
+            if self.discover:
+                bpf["loads"].open_ring_buffer(self._on_load)
+        else:
+            bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
+                                           lost_cb=self._lost, wakeup_events=WAKEUP_EVENTS)
+            if self.discover:
+                bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
+                                              lost_cb=lambda count: None)
 
-        bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages, lost_cb=lost,
-                                       wakeup_events=WAKEUP_EVENTS)
-        if self.discover:
-            bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
-                                          lost_cb=lambda count: None)
+    def _ring_pages(self) -> int:
+        pages = self.perf_pages * (os.cpu_count() or 1)
+        return 1 << (pages - 1).bit_length()   # a power of 2
+
+    def _lost(self, count: int) -> None:
+        self.lost += count
+        self._on_lost(count)
 
     def untrace_pid(self, pid: int) -> None:
         table = self._bpf["traced_pids"]
@@ -263,8 +285,17 @@ class Capture:
     def poll(self, timeout_ms: int) -> List[bytes]:
         """The call records that arrived, in arrival order (see take_loads()
         for the library loads)."""
-        self._bpf.perf_buffer_poll(timeout=timeout_ms)
-        self._bpf.perf_buffer_consume()
+        if self.ring:
+            self._bpf.ring_buffer_poll(timeout=timeout_ms)
+            self._bpf.ring_buffer_consume()
+            # The kernel side counts what did not fit: report the news.
+            lost = sum(self._bpf["ring_counts"][1])
+            if lost > self._ring_lost:
+                count, self._ring_lost = lost - self._ring_lost, lost
+                self._lost(count)
+        else:
+            self._bpf.perf_buffer_poll(timeout=timeout_ms)
+            self._bpf.perf_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
 

@@ -51,10 +51,14 @@ def _summary_format(ctx, param, value):
 @click.option("--perf-pages", type=int, metavar="N",
               help="Perf buffer size per CPU in 4 KiB pages, a power of two "
                    "(default: 64 MiB shared by the CPUs, at most 8192 each).")
+@click.option("--buffer", "transport", type=click.Choice(["perf", "ring"]), default="perf",
+              show_default=True,
+              help="How records reach the tracer: the perf buffer, or a BPF ring buffer "
+                   "(Linux >= 5.8; costs the traced threads less per call).")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
 def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, output, read, quiet, as_json, expect,
-            summary, summary_format, apdu, redact, smartcard_list, perf_pages, command):
+            summary, summary_format, apdu, redact, smartcard_list, perf_pages, transport, command):
     """Trace PC/SC (libpcsclite) calls with eBPF and print them as pcsc-spy does.
 
     With -- COMMAND, run COMMAND traced (with its children, nothing else) and
@@ -65,7 +69,7 @@ def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, outpu
     if perf_pages is not None and (perf_pages < 1 or perf_pages & (perf_pages - 1)):
         raise click.BadParameter("must be a power of two (1, 2, 4, ... 1024)",
                                  param_hint="--perf-pages")
-    opts = Options(perf_pages=perf_pages, output=output, pids=pids, libs=libs, command=command,
+    opts = Options(perf_pages=perf_pages, transport=transport, output=output, pids=pids, libs=libs, command=command,
                    color=not nocolor and not as_json and output is None and sys.stdout.isatty(),
                    diffable=diffable, show_thread=show_thread, result_dialect=spy_format,
                    quiet=quiet, json=as_json,

@@ -13,7 +13,7 @@ A DATA record's `field` is the capture's index in Function.captures; a
 Word's slot is its index among the Words of its phase.
 """
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .captures import Bytes, Function, ReaderStates, Text, Word
 from .layout import PCSC_MAX_ARGS, PCSC_MAX_WORDS
@@ -111,10 +111,16 @@ def program_source(functions: Sequence[Function]) -> str:
 LOADER_PROBE = "pcsc_loaded"
 
 
-def cflags(filter_pids: bool, discover: bool = False, multi: bool = False) -> list:
-    flags = ["-I%s" % BPF_DIR]
+def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
+           ring_pages: Optional[int] = None, wakeup_events: int = 1) -> list:
+    """The program's build options.  ring_pages: the BPF ring buffer's size
+    (pages, a power of 2) when the records go through one, else the perf
+    buffer; wakeup_events: records per wakeup of user space (ring buffer)."""
+    flags = ["-I%s" % BPF_DIR, "-DPCSC_WAKEUP_EVENTS=%d" % wakeup_events]
     if multi:
         flags.append("-DPCSC_UPROBE_MULTI")
+    if ring_pages:
+        flags += ["-DPCSC_RINGBUF", "-DPCSC_RINGBUF_PAGES=%d" % ring_pages]
     if discover:
         flags.append("-DPCSC_DISCOVER")
     if filter_pids:

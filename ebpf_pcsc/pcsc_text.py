@@ -525,9 +525,9 @@ class TextSink:
             self._print("Results sorted by total execution time")
             self._print("total time: %f sec" % total)
             for name, durations in th.by_total_time():
-                spent = sum(th.seconds(ns) for ns in durations)
+                spent = durations.seconds
                 share = spent / total * 100.0 if total else 0.0
-                self._print("%f sec (%3d calls) %5.2f%% %s" % (spent, len(durations), share, name))
+                self._print("%f sec (%3d calls) %5.2f%% %s" % (spent, durations.count, share, name))
         if stats.lost:
             self._print("")
             self._print("Lost events: %d (calls are missing above)" % stats.lost)

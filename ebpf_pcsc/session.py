@@ -40,6 +40,7 @@ class Options:
     summary: bool = False            # tables after pcsc-spy's summary
     summary_format: str = "simple"
     perf_pages: Optional[int] = None
+    transport: str = "perf"          # --buffer: "perf" or "ring"
     apdu: bool = False               # --apdu: APDUs and ATRs decoded under the calls
     redact: bool = False             # --redact: PINs masked before any output sees them
     smartcard_list: Optional[str] = None   # --smartcard-list (None: pcsc-tools' list)
@@ -255,7 +256,7 @@ def trace(opts: Options, out) -> int:
     # processes map is found and probed, now and as they load one.
     discover = not opts.libs
     capture = Capture(FUNCTIONS, libraries, pids=list(opts.pids) if filtered else None,
-                      discover=discover,
+                      discover=discover, transport=opts.transport,
                       **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
     def on_lost(count: int) -> None:
         warn("%d events lost (the perf buffer was full): calls are missing" % count)

@@ -1,9 +1,87 @@
 """Per-thread statistics of the traced calls (pcsc-spy's summary, and the
-lost-event count that must never be silent)."""
+lost-event count that must never be silent), in memory that does not grow
+with the number of calls: a tracer may run for days."""
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .calls import Call
+
+
+def seconds(ns: int) -> float:
+    """A duration as pcsc-spy accounts it: whole microseconds."""
+    us = ns // 1000
+    return us // 1000000 + (us % 1000000) / 1e6
+
+
+class Durations:
+    """One function's call durations on one thread.
+
+    The count, pcsc-spy's total (whole microseconds, added in call order as
+    pcsc-spy adds them: its percentages to the last digit), the exact minimum
+    and maximum; for the quantiles, the durations themselves up to EXACT
+    calls, then a histogram of buckets RESOLUTION apart (1%): the median and
+    p95 of a longer series are within 1% of the exact ones, and the memory
+    is bounded (at most ~2,900 buckets from 1 ns to 1,000 s)."""
+    EXACT = 1024
+    RESOLUTION = 1.01
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self.total_ns = 0
+        self.min_ns: Optional[int] = None
+        self.max_ns: Optional[int] = None
+        self._exact: Optional[List[int]] = []
+        self._buckets: Dict[int, int] = {}
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.seconds += seconds(ns)
+        self.total_ns += ns
+        self.min_ns = ns if self.min_ns is None else min(self.min_ns, ns)
+        self.max_ns = ns if self.max_ns is None else max(self.max_ns, ns)
+        if self._exact is not None:
+            self._exact.append(ns)
+            if len(self._exact) <= self.EXACT:
+                return
+            for value in self._exact[:-1]:
+                self._bucket(value)
+            self._exact = None
+        self._bucket(ns)
+
+    def _bucket(self, ns: int) -> None:
+        b = int(math.log(max(ns, 1), self.RESOLUTION))
+        self._buckets[b] = self._buckets.get(b, 0) + 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def median_ns(self) -> float:
+        """The median (of the two middle values for an even count)."""
+        if self._exact is not None:
+            ordered = sorted(self._exact)
+            mid = len(ordered) // 2
+            if not ordered:
+                return 0.0
+            return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return self.quantile_ns(0.5)
+
+    def quantile_ns(self, fraction: float) -> float:
+        """Nearest-rank quantile."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(fraction * self.count))
+        if self._exact is not None:
+            return sorted(self._exact)[rank - 1]
+        seen = 0
+        for b in sorted(self._buckets):
+            seen += self._buckets[b]
+            if seen >= rank:
+                # The bucket's middle, within the exact extremes.
+                middle = self.RESOLUTION ** (b + 0.5)
+                return min(max(middle, self.min_ns), self.max_ns)
+        return float(self.max_ns)
 
 
 @dataclass
@@ -12,19 +90,14 @@ class ThreadStats:
     pid: int
     tid: int
     comm: str
-    durations: Dict[str, List[int]] = field(default_factory=dict)   # function -> ns
+    durations: Dict[str, Durations] = field(default_factory=dict)   # by function
     errors: Dict[str, int] = field(default_factory=dict)
 
-    @staticmethod
-    def seconds(ns: int) -> float:
-        """A duration as pcsc-spy accounts it: whole microseconds."""
-        us = ns // 1000
-        return us // 1000000 + (us % 1000000) / 1e6
+    seconds = staticmethod(seconds)
 
-    def by_total_time(self) -> List[Tuple[str, List[int]]]:
+    def by_total_time(self) -> List[Tuple[str, Durations]]:
         """Functions by decreasing total time (ties: first called first)."""
-        return sorted(self.durations.items(),
-                      key=lambda kv: sum(self.seconds(ns) for ns in kv[1]), reverse=True)
+        return sorted(self.durations.items(), key=lambda kv: kv[1].seconds, reverse=True)
 
 
 class Stats:
@@ -52,7 +125,10 @@ class Stats:
 
     def leave(self, call: Call) -> None:
         th = self.thread(call)
-        th.durations.setdefault(call.name, []).append(call.duration_ns)
+        durations = th.durations.get(call.name)
+        if durations is None:
+            durations = th.durations[call.name] = Durations()
+        durations.add(call.duration_ns)
         if call.rv:
             th.errors[call.name] = th.errors.get(call.name, 0) + 1
         self.last_ts = call.ret_ts

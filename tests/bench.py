@@ -275,14 +275,14 @@ _LOST_WARNING = re.compile(r"(\d+) events lost")
 
 
 class TracerRun:
-    """pcsc-ebpf-spy -p PID --lib LIB -n, its trace in a file."""
+    """pcsc-ebpf-spy -p PID --lib LIB -n [extra], its trace in a file."""
 
-    def __init__(self, pid, lib, workdir, tag):
+    def __init__(self, pid, lib, workdir, tag, extra=()):
         self.out_path = Path(workdir) / ("trace-%s.txt" % tag)
         self.err_lines = []
         self.at_start = {}
         self._ready = threading.Event()
-        argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n"]
+        argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n", *extra]
         with open(self.out_path, "w") as out:
             t0 = time.monotonic()
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=user_env(), stdin=subprocess.DEVNULL,
@@ -488,11 +488,12 @@ class Bench:
         finally:
             spy.finish()
 
-    def _traced(self, scenario, n, kind):
+    def _traced(self, scenario, n, kind, extra=()):
         fn, pattern, others = {"isvalid": ("SCardIsValidContext", _ISVALID, 2),
                                "loop": ("SCardTransmit", _LOOP, 5)}[scenario]
         held = self.client.held(scenario, n)
-        tracer = TracerRun(held.pid, self.lib, self.workdir, "%s-%d" % (kind, len(self.tracer_runs)))
+        tracer = TracerRun(held.pid, self.lib, self.workdir,
+                           "%s-%d" % (kind, len(self.tracer_runs)), extra)
         try:
             cpu0 = tracer.cpu_s()
             result = held.release(pattern, n)
@@ -511,6 +512,8 @@ class Bench:
         n, rounds = self.c["isvalid_calls"], self.c["isvalid_rounds"]
         variants = [("untraced", self._untraced), ("floor", self._floor),
                     ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "isvalid")[0]),
+                    ("pcsc-ebpf-spy --buffer ring",
+                     lambda s, n: self._traced(s, n, "isvalid-ring", ("--buffer", "ring"))[0]),
                     ("pcsc-spy", self._pcsc_spy)]
         wall = {name: [] for name, _ in variants}
         cpu = {name: [] for name, _ in variants}
@@ -523,7 +526,7 @@ class Bench:
                 cpu[name].append(cpu_us)
                 log("isvalid round %d/%d: %-13s %8.3f us/call (client CPU %.3f us/call)"
                     % (r + 1, rounds, name, us, cpu_us))
-        runs = [t for t in self.tracer_runs if t["kind"] == "isvalid"]
+        runs = [t for t in self.tracer_runs if t["kind"].startswith("isvalid")]
         return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
                            client_cpu_us_per_call=median(cpu[name]),
                            runs_client_cpu_us_per_call=cpu[name])
@@ -596,7 +599,8 @@ def verdict(ok):
 
 def targets(res):
     iv = res["isvalid"]
-    tracer, floor, spy = (iv[k]["us_per_call"] for k in ("pcsc-ebpf-spy", "floor", "pcsc-spy"))
+    tracer, ring, floor, spy = (iv[k]["us_per_call"] for k in (
+        "pcsc-ebpf-spy", "pcsc-ebpf-spy --buffer ring", "floor", "pcsc-spy"))
     tr = res["transmit"]
     burst = res["burst"]
     start = res["startup"]["median_s"]
@@ -605,6 +609,8 @@ def targets(res):
              target="<= %.1f" % FLOOR_FACTOR, ok=tracer / floor <= FLOOR_FACTOR),
         dict(name="isvalid: pcsc-ebpf-spy / pcsc-spy", value=tracer / spy,
              target="<= %.1f" % SPY_FACTOR, ok=tracer / spy <= SPY_FACTOR),
+        dict(name="isvalid: --buffer ring / floor", value=ring / floor,
+             target="<= %.1f" % FLOOR_FACTOR, ok=ring / floor <= FLOOR_FACTOR),
         dict(name="SCardTransmit: traced / untraced", value=tr["ratio"],
              target="<= %.2f (aim %.2f)" % (TRANSMIT_RATIO, TRANSMIT_AIM),
              ok=tr["ratio"] <= TRANSMIT_RATIO),
@@ -649,6 +655,9 @@ def table(res):
             target="isvalid: pcsc-ebpf-spy / floor"),
         row("    x pcsc-spy", f(tg["isvalid: pcsc-ebpf-spy / pcsc-spy"]["value"], ".2f"),
             target="isvalid: pcsc-ebpf-spy / pcsc-spy"),
+        variant("  pcsc-ebpf-spy --buffer ring", "pcsc-ebpf-spy --buffer ring"),
+        row("    x floor", f(tg["isvalid: --buffer ring / floor"]["value"], ".2f"),
+            target="isvalid: --buffer ring / floor"),
         row("    runs that lost events (most lost)",
             "%d of %d (%d)" % (sum(1 for x in ivr["tracer_lost_events"] if x),
                                len(ivr["tracer_lost_events"]), max(ivr["tracer_lost_events"]))),

@@ -40,16 +40,18 @@ def probe_handles(pid):
             sum(k == "anon_inode:[perf_event]" for k in kinds))
 
 
-@pytest.mark.parametrize("attach", ["multi", "perf"])
-def test_every_call_once_with_its_result(stack, client_bin, tracer, attach):
+@pytest.mark.parametrize("attach, buffer", [("multi", "perf"), ("perf", "perf"),
+                                            ("multi", "ring")])
+def test_every_call_once_with_its_result(stack, client_bin, tracer, attach, buffer):
     # -p: other PC/SC clients on the machine stay out of this trace.
     client = stack.popen_waiting([client_bin, "all"])
     env = dict(os.environ, PCSC_EBPF_SPY_ATTACH="perf") if attach == "perf" else None
-    t = tracer("-n", "-p", client.pid, env=env)
+    t = tracer("-n", "-p", client.pid, "--buffer", buffer, env=env)
     # Besides the probes: three raw tracepoints (process exit, fork, exec)
-    # are links; the loader's hook, and the two perf buffers (calls, library
-    # loads) with one perf event per CPU each, are perf events.
-    links, perf_events = 3, 1 + 2 * os.cpu_count()
+    # are links; the loader's hook is a perf event, and so is each CPU's
+    # ring of the two perf buffers (calls, library loads) -- ring buffers
+    # are maps.
+    links, perf_events = 3, 1 + (2 * os.cpu_count() if buffer == "perf" else 0)
     if attach == "multi":   # one link per phase
         assert probe_handles(t.proc.pid) == (links + 2, perf_events)
     else:                   # 18 functions x 2 phases

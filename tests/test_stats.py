@@ -189,8 +189,53 @@ def test_recorded_threads_summary():
     assert lines[3] == "total time: %f sec" % total
     # a worker's calls happen within the main thread's session
     for w in (w1, w2):
-        assert sum(ThreadStats.seconds(ns) for d in w.durations.values() for ns in d) < total
+        assert sum(d.seconds for d in w.durations.values()) < total
     # each thread's lines sorted by decreasing time
     for block in summary(stats).split("\nThread ")[1:]:
         secs = [float(l.split()[0]) for l in block.splitlines()[3:]]
         assert secs == sorted(secs, reverse=True) and len(secs) in (3, 5)
+
+
+# -- bounded memory ------------------------------------------------------------------------
+
+def _nearest_rank(values, fraction):
+    import math
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def test_durations_are_exact_up_to_the_exact_limit():
+    import random
+    import statistics
+    from ebpf_pcsc.stats import Durations
+    rng = random.Random(5)
+    values = [rng.randrange(1_000, 5_000_000) for _ in range(Durations.EXACT)]
+    d = Durations()
+    for v in values:
+        d.add(v)
+    assert (d.count, d.total_ns, d.min_ns, d.max_ns) == (len(values), sum(values),
+                                                         min(values), max(values))
+    assert d.median_ns() == statistics.median(values)
+    assert d.quantile_ns(0.95) == _nearest_rank(values, 0.95)
+    assert d.seconds == sum(ThreadStats.seconds(v) for v in values)  # same order, same float
+
+
+def test_a_long_series_keeps_bounded_memory_and_quantiles_within_1_percent():
+    import random
+    from ebpf_pcsc.stats import Durations
+    rng = random.Random(7)
+    # Three populations, as IPC calls, cached answers and card timeouts give.
+    values = ([int(rng.lognormvariate(10, 0.3)) for _ in range(150_000)]
+              + [int(rng.lognormvariate(13, 0.5)) for _ in range(40_000)]
+              + [int(rng.uniform(1e9, 3e9)) for _ in range(10_000)])
+    rng.shuffle(values)
+    d = Durations()
+    for v in values:
+        d.add(v)
+    assert d._exact is None and len(d._buckets) < 2_000   # not 200,000 values
+    assert (d.count, d.total_ns, d.min_ns, d.max_ns) == (len(values), sum(values),
+                                                         min(values), max(values))
+    for fraction in (0.5, 0.95):
+        exact = _nearest_rank(values, fraction)
+        assert abs(d.quantile_ns(fraction) - exact) <= 0.01 * exact
+    assert abs(d.median_ns() - _nearest_rank(values, 0.5)) <= 0.01 * _nearest_rank(values, 0.5)

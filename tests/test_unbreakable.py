@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 
 def recorded(path):
     with open(path) as f:
@@ -28,12 +30,13 @@ def test_eight_threads_of_400_transmits(stack, client_bin, tracer, tmp_path):
     assert "\nThread 9/9\n" in res.stdout
 
 
-def test_lost_events_are_counted_and_reported(stack, client_bin, tracer):
-    """A one-page buffer cannot hold a burst: the loss is said on stderr and
-    in the summary, and the application is unharmed."""
+@pytest.mark.parametrize("buffer", ["perf", "ring"])
+def test_lost_events_are_counted_and_reported(stack, client_bin, tracer, buffer):
+    """A one-page buffer (per CPU) cannot hold a burst: the loss is said on
+    stderr and in the summary, and the application is unharmed."""
     env = dict(stack.env, PCSC_CLIENT_QUIET="1")
     proc = stack.popen_waiting([client_bin, "isvalid", "20000"], env=env)
-    t = tracer("-n", "-p", proc.pid, "--perf-pages", "1")
+    t = tracer("-n", "-p", proc.pid, "--perf-pages", "1", "--buffer", buffer)
     proc.release(timeout=120)
     res = t.stop()
     assert res.returncode == 0
