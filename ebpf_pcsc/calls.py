@@ -13,10 +13,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import layout as L
 from .captures import Bytes, Function, ReaderStates, Text, Word
 
+# The records as struct formats, for speed (one unpack per record, no ctypes
+# object): checked against layout.py's mirror of the header.
 _HEAD = struct.Struct("<QQIIHH16s4x")  # trailing padding to 8-byte alignment
+_CALL = struct.Struct("<qII%dQ%dQ" % (L.PCSC_MAX_ARGS, L.PCSC_MAX_WORDS))  # after the head
 _DATA = struct.Struct("<IIIHHH6x")
 assert _HEAD.size == ctypes.sizeof(L.Head)
+assert _HEAD.size + _CALL.size == ctypes.sizeof(L.CallRecord)
 assert _HEAD.size + _DATA.size == L.DATA_OFFSET
+_ARGS = slice(3, 3 + L.PCSC_MAX_ARGS)
+_WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)
 
 
 @dataclass
@@ -183,11 +189,12 @@ class Assembler:
                 c = chunks[(fld, index)] = _Chunks(total, ts)
             c.add(offset, raw[L.DATA_OFFSET:L.DATA_OFFSET + length], flags)
         elif kind == L.PCSC_REC_ENTER:
-            rec = L.CallRecord.from_buffer_copy(raw)
+            rec = _CALL.unpack_from(raw, _HEAD.size)
             fn = self.functions[func]
+            args = rec[_ARGS]
             call = Call(fn, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                        call_ts, dict(zip(fn.args, rec.args)),
-                        self._phase(key, fn, fn.entry, 0, rec))
+                        call_ts, dict(zip(fn.args, args)),
+                        self._phase(key, fn, fn.entry, 0, rec[1], args, rec[_WORDS]))
             self._open[key] = call
             self.sink.enter(call)
             early = self._early.pop(key, None)
@@ -198,9 +205,10 @@ class Assembler:
             if call is None:
                 self._early[key] = raw
                 return
-            rec = L.CallRecord.from_buffer_copy(raw)
-            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec)
-            call.rv = rec.rv
+            rec = _CALL.unpack_from(raw, _HEAD.size)
+            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec[1],
+                                    rec[_ARGS], rec[_WORDS])
+            call.rv = rec[0]
             call.ret_ts = ts
             self._chunks.pop(key, None)
             self.sink.leave(call)
@@ -212,13 +220,16 @@ class Assembler:
                 call.ret_ts = ts
                 self.sink.abort(call)
 
-    def _phase(self, key, fn: Function, captures, first_field: int, rec) -> Phase:
+    def _phase(self, key, fn: Function, captures, first_field: int, valid: int,
+               args: Sequence[int], words: Sequence[int]) -> Phase:
         phase = Phase()
+        if not captures:
+            return phase
         chunks = self._chunks.get(key, {})
         slot = 0
         for fld, cap in enumerate(captures, first_field):
             if isinstance(cap, Word):
-                phase.words[cap.name] = rec.words[slot] if rec.valid & (1 << slot) else None
+                phase.words[cap.name] = words[slot] if valid & (1 << slot) else None
                 slot += 1
             elif isinstance(cap, (Text, Bytes)):
                 c = chunks.pop((fld, 0), None)
@@ -229,7 +240,7 @@ class Assembler:
                 names = {i: ch.captured() for (f, i), ch in list(chunks.items()) if f == fld}
                 for i in names:
                     chunks.pop((fld, i))
-                count = rec.args[fn.arg_index(cap.count)]
+                count = args[fn.arg_index(cap.count)]
                 phase.readers[cap.name] = (None if c is None else
                                            _parse_readerstates(c.captured(), names, count))
         return phase
