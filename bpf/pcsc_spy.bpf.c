@@ -140,15 +140,18 @@ static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pc
 	return r;
 }
 
-static __always_inline void call_submit(struct pt_regs *ctx, struct pcsc_call *r)
+/* The ENTER record closes the entry phase. */
+static __always_inline void call_submit(struct pt_regs *ctx, struct pcsc_call *c)
+{
+	emit(ctx, c, sizeof(*c));
+}
+
+/* The RETURN record closes the return phase; the thread is out of the call. */
+static __always_inline void call_finish(struct pt_regs *ctx, struct pcsc_call *r,
+					struct pcsc_call *entry)
 {
 	emit(ctx, r, sizeof(*r));
-	if (r->head.kind == PCSC_REC_RETURN) {
-		struct pcsc_call *c = inflight_get(0);
-
-		if (c)
-			c->head.call_ts = 0;   /* the thread is out of the call */
-	}
+	entry->head.call_ts = 0;
 }
 
 /* One 64-bit word through a pointer: *(u64 *)(addr + off). */

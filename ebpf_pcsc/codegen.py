@@ -88,7 +88,7 @@ def probes_source(functions: Sequence[Function]) -> str:
         out.append("\tstruct pcsc_call *r = call_end(ctx, &e);\n")
         out.append("\tif (!r || !e)\n\t\treturn 0;")
         out.extend("\t" + line for line in exit_)
-        out.append("\tcall_submit(ctx, r);\n\treturn 0;\n}\n")
+        out.append("\tcall_finish(ctx, r, e);\n\treturn 0;\n}\n")
     out.append("#ifdef PCSC_UPROBE_MULTI")
     for program, phase in ((ENTER_PROGRAM, "enter"), (RETURN_PROGRAM, "return")):
         out.append("int %s(struct pt_regs *ctx)\n{" % program)
