@@ -63,15 +63,21 @@ def with_decimal(header: str, data: str) -> str:
 
 
 def hex_bytes(data: bytes) -> str:
-    return " ".join("%02X" % b for b in data)
+    return data.hex(" ").upper()
+
+
+# Printable ASCII as itself, every other byte as "." (the text column).
+_PRINTABLE = bytes(b if 31 < b < 127 else ord(".") for b in range(256))
 
 
 def hexdump(data: bytes, width: int = 16) -> List[str]:
+    # bytes.hex() and bytes.translate() per line, not a format per byte: a
+    # 65 KB extended APDU is 4,000 lines.
     lines = []
     for offset in range(0, len(data), width):
         chunk = data[offset:offset + width]
-        hexes = " ".join("%02X" % b for b in chunk) + "   " * (width - len(chunk))
-        text = "".join(chr(b) if 31 < b < 127 else "." for b in chunk)
+        hexes = chunk.hex(" ").upper() + "   " * (width - len(chunk))
+        text = chunk.translate(_PRINTABLE).decode("ascii")
         lines.append("%04X %s %s" % (offset, hexes, text))
     return lines
 
