@@ -1,5 +1,6 @@
 /* The kernel/user boundary of pcsc-ebpf-spy: every record the BPF program
- * sends through the perf buffer.  ebpf_pcsc/layout.py mirrors this file (and
+ * sends through the perf buffer (or the BPF ring buffer), and the counters
+ * it keeps.  ebpf_pcsc/layout.py mirrors this file (and
  * tests/test_layout.py fails when the two drift).
  *
  * One application call produces, in this order, on the CPU that ran it:
@@ -34,6 +35,14 @@ enum pcsc_record_kind {
 	PCSC_REC_ABORT = 4,       /* the thread ended inside the call */
 	PCSC_REC_LOADED = 5,      /* a process loaded libraries (struct pcsc_head only) */
 	PCSC_REC_EXEC = 6,        /* a process started a program (struct pcsc_head only) */
+};
+
+/* Counters the kernel side keeps, per CPU, in the `counts` array. */
+enum pcsc_count {
+	PCSC_COUNT_SINCE_WAKEUP = 0,  /* ring buffer: records since user space was woken */
+	PCSC_COUNT_LOST = 1,          /* ring buffer: call records that did not fit */
+	PCSC_COUNT_LOADS_LOST = 2,    /* library-load records that did not fit */
+	PCSC_COUNTS = 3,
 };
 
 /* DATA record flags */

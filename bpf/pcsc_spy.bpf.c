@@ -1,8 +1,10 @@
 /* pcsc-ebpf-spy, kernel side (compiled at run time by bcc).
  *
  * The machinery common to every SCard* function lives here; the per-function
- * probes (pcsc_enter_N / pcsc_return_N) are generated from the function table
- * in ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and appended to this text.
+ * code (enter_N / return_N, and the programs that run it: pcsc_enter and
+ * pcsc_return dispatching on the uprobe_multi cookie, or pcsc_enter_N /
+ * pcsc_return_N) is generated from the function table in
+ * ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and appended to this text.
  */
 #include <uapi/linux/ptrace.h>
 #include "pcsc_event.h"
@@ -13,26 +15,32 @@
  * woken once per PCSC_WAKEUP_EVENTS records, not for each: every wakeup is
  * an interrupt the traced thread pays for; the rest is read when its poll
  * times out. */
+/* Per CPU: enum pcsc_count (pcsc_event.h). */
+BPF_PERCPU_ARRAY(counts, u64, PCSC_COUNTS);
+
+static __always_inline void count(u32 which)
+{
+	u64 *n = counts.lookup(&which);
+
+	if (n)
+		++*n;
+}
+
 #ifdef PCSC_RINGBUF
 BPF_RINGBUF_OUTPUT(events, PCSC_RINGBUF_PAGES);
-/* Per CPU: [0] records since the last wakeup, [1] records lost (ring full). */
-BPF_PERCPU_ARRAY(ring_counts, u64, 2);
 
 static __always_inline void emit(void *ctx, void *data, u32 size)
 {
-	u32 since = 0, lost = 1;
-	u64 *n = ring_counts.lookup(&since);
+	u32 since = PCSC_COUNT_SINCE_WAKEUP;
+	u64 *n = counts.lookup(&since);
 	u64 flags = BPF_RB_NO_WAKEUP;
 
 	if (n && ++*n >= PCSC_WAKEUP_EVENTS) {
 		*n = 0;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}
-	if (events.ringbuf_output(data, size, flags) < 0) {
-		n = ring_counts.lookup(&lost);
-		if (n)
-			++*n;
-	}
+	if (events.ringbuf_output(data, size, flags) < 0)
+		count(PCSC_COUNT_LOST);
 }
 #else
 BPF_PERF_OUTPUT(events);
@@ -349,18 +357,20 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
  * own buffer, which wakes user space at each one (the calls' buffer wakes
  * it once per batch): the process is about to call what it loaded. */
 #ifdef PCSC_RINGBUF
-BPF_RINGBUF_OUTPUT(loads, 1);
+BPF_RINGBUF_OUTPUT(loads, PCSC_LOADS_PAGES);
 
 static __always_inline void emit_load(void *ctx, void *data, u32 size)
 {
-	loads.ringbuf_output(data, size, BPF_RB_FORCE_WAKEUP);
+	if (loads.ringbuf_output(data, size, BPF_RB_FORCE_WAKEUP) < 0)
+		count(PCSC_COUNT_LOADS_LOST);
 }
 #else
 BPF_PERF_OUTPUT(loads);
 
 static __always_inline void emit_load(void *ctx, void *data, u32 size)
 {
-	loads.perf_submit(ctx, data, size);
+	if (loads.perf_submit(ctx, data, size) < 0)
+		count(PCSC_COUNT_LOADS_LOST);
 }
 #endif
 

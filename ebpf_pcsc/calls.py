@@ -20,6 +20,8 @@ _CALL = struct.Struct("<qII%dQ%dQ" % (L.PCSC_MAX_ARGS, L.PCSC_MAX_WORDS))  # aft
 _DATA = struct.Struct("<IIIHHH6x")
 assert _HEAD.size == ctypes.sizeof(L.Head)
 assert _HEAD.size + _CALL.size == ctypes.sizeof(L.CallRecord)
+assert _HEAD.size + struct.calcsize("<qII") == L.CallRecord.args.offset
+assert L.CallRecord.words.offset - L.CallRecord.args.offset == 8 * L.PCSC_MAX_ARGS
 assert _HEAD.size + _DATA.size == L.DATA_OFFSET
 _ARGS = slice(3, 3 + L.PCSC_MAX_ARGS)
 _WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)

@@ -9,6 +9,7 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 from . import codegen, uprobes
+from . import layout as L
 from .errors import SpyError
 from .functions import Function
 from .targets import Library, function_addresses
@@ -72,9 +73,6 @@ class _CapturedOutput:
         return (errors or lines or ["no message"])[0][:200]
 
 
-TRANSPORTS = ("perf", "ring")
-
-
 class Capture:
     """transport: "perf" (the perf buffer, per CPU) or "ring" (one BPF ring
     buffer, Linux >= 5.8: cheaper per record for the traced thread).
@@ -89,7 +87,6 @@ class Capture:
         self.pids = list(pids) if pids is not None else None
         self.perf_pages = perf_pages or default_perf_pages()
         self.ring = transport == "ring"
-        self._ring_lost = 0
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0
@@ -100,7 +97,8 @@ class Capture:
         self._batch: List[bytes] = []
         self._loads: List[bytes] = []
         self.multi = False      # uprobe_multi links (else one perf event per probe)
-        self._multi = {}        # uprobe_multi: is-return -> the phase's program fd
+        self._phase_programs = {}   # uprobe_multi: is-return -> the phase's program fd
+        self._counted = [0] * L.PCSC_COUNTS   # the kernel's counts already reported
         self._fds: List[int] = []   # the links and perf events that hold the probes
         self._warn: Callable[[str], None] = lambda message: None
 
@@ -116,8 +114,9 @@ class Capture:
                            "install python3-bpfcc (sudo make setup) and use /usr/bin/python3")
         self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
+        ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
         cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
-                                ring_pages=self._ring_pages() if self.ring else None,
+                                ring_pages=ring_pages if self.ring else None,
                                 wakeup_events=WAKEUP_EVENTS)
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
@@ -131,17 +130,24 @@ class Capture:
                            "check the kernel headers (BCC_KERNEL_SOURCE) and the bcc install")
         self._bpf = bpf
         if self.multi:
-            self._multi = {ret: bpf.load_func(name, BPF.KPROBE,
-                                              attach_type=uprobes.BPF_TRACE_UPROBE_MULTI).fd
-                           for name, ret in ((codegen.ENTER_PROGRAM, False),
-                                             (codegen.RETURN_PROGRAM, True))}
+            with _CapturedOutput() as said:
+                try:
+                    self._phase_programs = {
+                        ret: bpf.load_func(name, BPF.KPROBE,
+                                           attach_type=uprobes.BPF_TRACE_UPROBE_MULTI).fd
+                        for name, ret in ((codegen.ENTER_PROGRAM, False),
+                                          (codegen.RETURN_PROGRAM, True))}
+                except Exception:  # bcc: the verifier refused it
+                    self._phase_programs = None
+            if self._phase_programs is None:
+                raise SpyError("the kernel refuses the BPF program (%s)" % said.gist(),
+                               "run with %s=perf, and report it" % ATTACH_ENV)
         if self.pids is not None:
             table = bpf["traced_pids"]
             for pid in self.pids:
                 table[table.Key(pid)] = table.Leaf(1)
-        for lib in self.libraries:
-            self.attach_library(lib, strict=True)
-
+        # The buffers first: what the probes send as soon as they are attached
+        # has somewhere to go.
         self._on_lost = on_lost
         if self.ring:
             bpf["events"].open_ring_buffer(self._on_sample)
@@ -151,11 +157,16 @@ class Capture:
             bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
                                            lost_cb=self._lost, wakeup_events=WAKEUP_EVENTS)
             if self.discover:
+                # Lost library loads are counted on the kernel side (both ways).
                 bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
                                               lost_cb=lambda count: None)
+        for lib in self.libraries:
+            self.attach_library(lib, strict=True)
 
-    def _ring_pages(self) -> int:
-        pages = self.perf_pages * (os.cpu_count() or 1)
+    @staticmethod
+    def _ring_pages(per_cpu: int) -> int:
+        """A ring buffer, shared by the CPUs, as large as their perf buffers."""
+        pages = per_cpu * (os.cpu_count() or 1)
         return 1 << (pages - 1).bit_length()   # a power of 2
 
     def _lost(self, count: int) -> None:
@@ -213,8 +224,8 @@ class Capture:
             offset = uprobes.file_offsets(path, function_addresses(path, b"^_dl_debug_state$"))
             prog = self._bpf.load_func(codegen.LOADER_PROBE, self._bpf.KPROBE).fd
             self._fds.append(uprobes.attach_perf(prog, path, offset["_dl_debug_state"]))
-        except (OSError, KeyError):
-            return False  # a loader without the hook (not glibc): not a discovery source
+        except Exception:  # bcc, the kernel, a loader without the hook (not glibc)
+            return False   # not a discovery source
         return True
 
     def _attach(self, bpf, lib: Library) -> None:
@@ -262,7 +273,7 @@ class Capture:
         try:
             for ret in (True, False):
                 if self.multi:
-                    fds.append(uprobes.link_uprobes(self._multi[ret], path,
+                    fds.append(uprobes.link_uprobes(self._phase_programs[ret], path,
                                                     [off for _, off in where],
                                                     [i for i, _ in where], retprobe=ret))
                 else:
@@ -270,7 +281,7 @@ class Capture:
                         name = codegen.return_probe(i) if ret else codegen.enter_probe(i)
                         prog = bpf.load_func(name, bpf.KPROBE).fd
                         fds.append(uprobes.attach_perf(prog, path, off, retprobe=ret))
-        except OSError:
+        except BaseException:
             uprobes.close_all(fds)
             raise
         return fds
@@ -288,16 +299,25 @@ class Capture:
         if self.ring:
             self._bpf.ring_buffer_poll(timeout=timeout_ms)
             self._bpf.ring_buffer_consume()
-            # The kernel side counts what did not fit: report the news.
-            lost = sum(self._bpf["ring_counts"][1])
-            if lost > self._ring_lost:
-                count, self._ring_lost = lost - self._ring_lost, lost
-                self._lost(count)
+            lost = self._news(L.PCSC_COUNT_LOST)   # a perf buffer says it to _lost()
+            if lost:
+                self._lost(lost)
         else:
             self._bpf.perf_buffer_poll(timeout=timeout_ms)
             self._bpf.perf_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
+
+    def _news(self, which: int) -> int:
+        """How much a kernel-side count grew since the last look."""
+        total = sum(self._bpf["counts"][which])
+        news, self._counted[which] = total - self._counted[which], total
+        return news
+
+    def loads_lost(self) -> int:
+        """Library-load records lost since the last call (discovery then
+        has to look at every process again)."""
+        return self._news(L.PCSC_COUNT_LOADS_LOST) if self.discover else 0
 
     def take_loads(self) -> List[bytes]:
         """The LOADED and EXEC records that arrived since the last call."""

@@ -7,13 +7,13 @@ the helpers of bpf/pcsc_spy.bpf.c, and the programs that run them:
   phase, pcsc_enter and pcsc_return, which dispatch on the link's cookie,
   the function's index (see uprobes.py);
 - otherwise: pcsc_enter_<i> (uprobe) and pcsc_return_<i> (uretprobe), one
-  pair per function, attached one by one by bcc.
+  pair per function, attached as one perf event each (uprobes.attach_perf).
 
 A DATA record's `field` is the capture's index in Function.captures; a
 Word's slot is its index among the Words of its phase.
 """
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from .captures import Bytes, Function, ReaderStates, Text, Word
 from .layout import PCSC_MAX_ARGS, PCSC_MAX_WORDS
@@ -112,15 +112,17 @@ LOADER_PROBE = "pcsc_loaded"
 
 
 def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
-           ring_pages: Optional[int] = None, wakeup_events: int = 1) -> list:
-    """The program's build options.  ring_pages: the BPF ring buffer's size
-    (pages, a power of 2) when the records go through one, else the perf
-    buffer; wakeup_events: records per wakeup of user space (ring buffer)."""
+           ring_pages: Optional[Tuple[int, int]] = None, wakeup_events: int = 1) -> list:
+    """The program's build options.  ring_pages: the BPF ring buffers' sizes
+    (calls, library loads; pages, powers of 2) when the records go through
+    ring buffers, else perf buffers; wakeup_events: records per wakeup of
+    user space (ring buffer; a perf buffer is told when it is opened)."""
     flags = ["-I%s" % BPF_DIR, "-DPCSC_WAKEUP_EVENTS=%d" % wakeup_events]
     if multi:
         flags.append("-DPCSC_UPROBE_MULTI")
     if ring_pages:
-        flags += ["-DPCSC_RINGBUF", "-DPCSC_RINGBUF_PAGES=%d" % ring_pages]
+        flags += ["-DPCSC_RINGBUF", "-DPCSC_RINGBUF_PAGES=%d" % ring_pages[0],
+                  "-DPCSC_LOADS_PAGES=%d" % ring_pages[1]]
     if discover:
         flags.append("-DPCSC_DISCOVER")
     if filter_pids:

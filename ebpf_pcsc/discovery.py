@@ -119,11 +119,12 @@ class Discovery:
         self._images: Set[Tuple[str, int]] = set()
         self._loaders: Set[Tuple[str, int]] = set()
 
-    def all_processes(self) -> None:
-        """The first scan, before the `Tracing` line (which names what it found)."""
+    def all_processes(self, quiet: bool = True) -> None:
+        """Every process's maps: the first scan, before the `Tracing` line
+        (which names what it found), and again when library loads were lost."""
         for name in os.listdir("/proc"):
             if name.isdigit() and (self.pids is None or int(name) in self.pids):
-                self.process(int(name), quiet=True)
+                self.process(int(name), quiet=quiet)
 
     def process(self, pid: int, quiet: bool = False) -> List[Library]:
         """Look at one process's program and maps; probe what is new."""
@@ -132,12 +133,15 @@ class Discovery:
         if program is not None and program[:2] not in self._images:
             # Each program once: a program that defines SCard* itself
             # (linked with pcsc-lite >= 2.3.1's libpcsclite.a) is probed.
-            self._images.add(program[:2])
             lib = program[2]
             if exported_functions(lib.path):
+                self._images.add(program[:2])
                 new.append(lib)
                 if self.capture.attach_library(lib) and not quiet:
                     self.announce(self.describe(lib))
+            elif os.path.exists(lib.path):
+                # A definite no (not a process gone while its ELF was read).
+                self._images.add(program[:2])
         for dev, ino, path in maps(pid):
             if _LOADER.search(path) and self.capture.discover:
                 if (dev, ino) not in self._loaders:

@@ -259,7 +259,7 @@ def trace(opts: Options, out) -> int:
                       discover=discover, transport=opts.transport,
                       **({"perf_pages": opts.perf_pages} if opts.perf_pages else {}))
     def on_lost(count: int) -> None:
-        warn("%d events lost (the perf buffer was full): calls are missing" % count)
+        warn("%d events lost (the buffer was full): calls are missing" % count)
 
     if opts.command:
         # Our own pid is traced while COMMAND is forked: the kernel then adds
@@ -356,6 +356,10 @@ def _drain(capture: Capture, assembler: Assembler, finder, timeout_ms: int) -> i
     """Poll once; feed what arrived, oldest first.  Returns the count."""
     batch = capture.poll(timeout_ms)
     if finder is not None:
+        if capture.loads_lost():
+            # Some library loads went unreported: look at every process.
+            warn("library loads were lost (the buffer was full): looking at every process")
+            finder.all_processes(quiet=False)
         # Library loads first: their processes wait for no one.  A program
         # start or dlopen() notifies several times: look once.
         loading = {}

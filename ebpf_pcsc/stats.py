@@ -1,6 +1,7 @@
 """Per-thread statistics of the traced calls (pcsc-spy's summary, and the
 lost-event count that must never be silent), in memory that does not grow
-with the number of calls: a tracer may run for days."""
+with the number of calls (a tracer may run for days); it grows with the
+number of threads that made calls."""
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple

@@ -26,7 +26,6 @@ import ctypes
 import os
 import platform
 import struct
-import tempfile
 import threading
 from typing import Dict, Iterable, Sequence
 
@@ -83,9 +82,10 @@ def link_uprobes(prog_fd: int, path: str, offsets: Sequence[int], cookies: Seque
 def supported() -> bool:
     """Whether this kernel makes uprobe_multi links (Linux >= 6.6), known
     before the program is compiled for one way or the other: a two-instruction
-    program is linked to a scratch file no process maps (nothing anywhere is
-    probed), then closed in the background: closing a link waits for the
-    kernel (~40 ms) and nothing here needs to."""
+    program is linked to this very source file, which no process maps
+    (registering a uprobe reads nothing there; nothing anywhere is probed),
+    then closed in the background: closing a link waits for the kernel
+    (~40 ms) and nothing here needs to."""
     insns = ctypes.create_string_buffer(
         bytes.fromhex("b700000000000000" "9500000000000000"))   # r0 = 0; exit
     license = ctypes.create_string_buffer(b"GPL")
@@ -100,14 +100,10 @@ def supported() -> bool:
         return False
     fds = [prog]
     try:
-        with tempfile.NamedTemporaryFile(prefix="pcsc-ebpf-spy-probe-") as f:
-            f.write(b"\xc3" * 16)   # x86 `ret`: a valid instruction to probe
-            f.flush()
-            try:
-                fds.insert(0, link_uprobes(prog, f.name, [0], [0]))
-            except OSError:
-                return False
-            return True
+        fds.insert(0, link_uprobes(prog, __file__, [0], [0]))
+        return True
+    except OSError:
+        return False
     finally:
         threading.Thread(target=close_all, args=(fds,), daemon=True).start()
 

@@ -378,7 +378,8 @@ class Floor:
         from bcc import BPF
         from ebpf_pcsc import targets, uprobes
         self.lib = lib
-        self.multi = uprobes.supported()
+        from ebpf_pcsc.capture import ATTACH_ENV
+        self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         self.offsets = list(uprobes.file_offsets(lib, targets.function_addresses(lib)).values())
         assert len(self.offsets) == len(names), "the library lacks SCard* functions"
         self.bpf = BPF(text=self.SOURCE)

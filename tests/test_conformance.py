@@ -731,7 +731,7 @@ def test_lost_events(runs):
     app = lost.app
     assert app.returncode == 0, app.stderr
     assert len(app.stdout.splitlines()) == 80          # every APDU answered
-    assert re.search(r"^pcsc-ebpf-spy: \d+ events lost \(the perf buffer was full\): "
+    assert re.search(r"^pcsc-ebpf-spy: \d+ events lost \(the buffer was full\): "
                      r"calls are missing$", lost.stderr, re.M), lost.stderr
     _, summary = ref.split_summary(lost.stdout)
     assert summary[-2] == ""
