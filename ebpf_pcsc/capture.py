@@ -122,7 +122,7 @@ class Capture:
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:
             try:
-                bpf = BPF(text=source, cflags=cflags)
+                bpf = BPF(text=source.encode(), cflags=cflags)
             except Exception:  # bcc raises a bare Exception
                 bpf = None
         if bpf is None:
@@ -172,6 +172,11 @@ class Capture:
     def _lost(self, count: int) -> None:
         self.lost += count
         self._on_lost(count)
+
+    def traced_pids(self) -> List[int]:
+        """The processes traced (-p and what they started since), as the
+        kernel side knows them."""
+        return [key.value for key in self._bpf["traced_pids"].keys()]
 
     def untrace_pid(self, pid: int) -> None:
         table = self._bpf["traced_pids"]

@@ -283,8 +283,14 @@ def trace(opts: Options, out) -> int:
         sys.stderr.flush()
         child = _spawn(opts.command, capture) if opts.command else None
         forwarded = False
+        # -p: when every traced process has ended, so does tracing (as with
+        # strace -p); looked at twice a second.
+        watch = _Watch(capture, opts.pids) if opts.pids and child is None else None
         while True:
             if child is not None and child.poll() is not None:
+                break
+            if watch is not None and watch.all_ended():
+                warn("the traced processes have ended")
                 break
             if stop.requested:
                 if child is None or forwarded:
@@ -313,6 +319,39 @@ def trace(opts: Options, out) -> int:
         code = 128 - code if code < 0 else code   # killed by signal N: 128 + N
         return code or status
     return status
+
+
+class _Watch:
+    """Whether every process -p named, and every process they started since,
+    has ended."""
+    PERIOD_S = 0.5
+
+    def __init__(self, capture: Capture, pids: Sequence[int]):
+        self.capture = capture
+        self.pids = set(pids)
+        self.next = 0.0
+
+    def all_ended(self) -> bool:
+        import time
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.PERIOD_S
+        # The kernel forgets a process when its main thread ends (its other
+        # threads may go on): ask /proc about every pid ever traced.
+        self.pids.update(self.capture.traced_pids())
+        self.pids = {pid for pid in self.pids if _running(pid)}
+        return not self.pids
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, not yet reaped)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] != "Z"
 
 
 def _check_command(name: str) -> None:

@@ -69,7 +69,7 @@ def function_addresses(path: str, pattern: bytes = b"^SCard") -> dict:
     default the SCard* ones): name -> address (ELF virtual)."""
     from bcc import BPF  # lazily: importing bcc takes ~0.3 s
     try:
-        found = BPF.get_user_functions_and_addresses(path, pattern)
+        found = BPF.get_user_functions_and_addresses(os.fsencode(path), pattern)
     except Exception:
         return {}
     return {name.decode(): addr for name, addr in found}

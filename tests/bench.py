@@ -372,7 +372,7 @@ class Floor:
     """An empty program on the 18 functions' entries and returns, attached the
     way the tracer attaches (uprobe_multi links where the kernel has them,
     else one perf event per probe): what any uprobe tracer pays at least."""
-    SOURCE = "int f(void *ctx) { return 0; }"
+    SOURCE = b"int f(void *ctx) { return 0; }"
 
     def __init__(self, lib, names):
         from bcc import BPF

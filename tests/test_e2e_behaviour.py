@@ -304,11 +304,15 @@ def test_process_killed_inside_a_call(spawn, client_bin, live_tracer, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_ends_with_the_summary(spawn, tracer, client_bin, sig):
     p = held(spawn, client_bin, "all")
-    t = tracer("-n", "-p", p.pid)
+    # A second traced process that outlives the client: tracing goes on
+    # until the signal (with -p it would end with the last traced process).
+    keeper = spawn(["sleep", "600"])
+    t = tracer("-n", "-p", p.pid, "-p", keeper.pid)
     out = finish(p, "\n")
     res = t.stop(sig)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
+    assert "have ended" not in res.stderr
     assert names_and_rvs(parse_trace(res.stdout).calls) == calls_of_client(out)
     summary = res.stdout.partition("\n\nThread 1/1\n")[2].splitlines()
     assert summary[0] == "Results sorted by total execution time"
@@ -316,6 +320,36 @@ def test_signal_ends_with_the_summary(spawn, tracer, client_bin, sig):
     assert len(summary) == 2 + 18  # a line per function: `all` calls each of the 18
     assert re.search(r"^\d+\.\d{6} sec \(  3 calls\) +\d+\.\d\d% SCardTransmit$",
                      res.stdout, re.M)
+
+
+def running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_p_ends_when_the_traced_processes_have_ended(spawn, tracer, client_bin):
+    """As strace -p: tracing ends, with the summary and status 0, once the
+    -p processes and the processes they started since (followed in the
+    kernel) have all ended."""
+    p = held(spawn, client_bin, "all")
+    # Started after the tracer, the sleep outlives its parent shell.
+    parent = spawn(["sh", "-c", "read _; sleep 4 >/dev/null 2>&1 & echo $!"], stdin=True)
+    t = tracer("-n", "-p", p.pid, "-p", parent.pid)
+    out = finish(p, "\n")
+    orphan, _ = parent.communicate("\n", timeout=30)
+    assert running(int(orphan))
+    time.sleep(1)
+    assert t.proc.poll() is None, t.stderr_so_far   # the sleep is still traced
+    code = t.proc.wait(30)       # no signal: it ends by itself
+    res = t.stop()
+    assert code == 0, res.stderr
+    assert not running(int(orphan))   # ended (a zombie until its new parent reaps it)
+    assert res.stderr.endswith("pcsc-ebpf-spy: the traced processes have ended\n"), res.stderr
+    assert names_and_rvs(parse_trace(res.stdout).calls) == calls_of_client(out)
+    assert "\nThread 1/1\n" in res.stdout
 
 
 BACKGROUND = r"""
