@@ -1,6 +1,8 @@
 """The processes of an end-to-end test: PC/SC clients on the private stack
 (started by the `spawn` fixture, conftest.py) and the tracer that watches
 them."""
+import time
+
 from tracetext import Trace, parse_trace
 
 # `sh -c EXEC_LATER sh CMD...` waits for a line on stdin, then execs CMD: a pid
@@ -34,3 +36,12 @@ def stopped(t) -> Trace:
     res = t.stop()
     assert res.returncode == 0, res.stderr
     return parse_trace(res.stdout)
+
+
+def wait_for(predicate, what, timeout=30.0):
+    """Poll until predicate() is true (a deadline against hangs, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.02)

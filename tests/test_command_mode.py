@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from test_cli_errors import check_one_line_error
-from test_e2e_behaviour import names_and_rvs, parse_trace, wait_for
+from processes import wait_for
+from tracetext import names_and_rvs, parse_trace
 from tracer import ROOT, command
 
 # Generous: compiling the BPF program and detaching 36 probes take seconds,

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from test_smoke_e2e import calls_of, calls_of_client
+from test_smoke_e2e import calls_of
+from tracetext import calls_of_client
 
 SYSTEM_REAL = "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1.0.0"
 

@@ -17,19 +17,10 @@ import time
 
 import pytest
 
-from processes import finish, held, start_waiting_client, stopped
+from processes import finish, held, start_waiting_client, stopped, wait_for
 from testbed import PYTHON, TESTS_DIR
 from tracer import ROOT, START_TIMEOUT, command
 from tracetext import NAME, calls_of_client, names_and_rvs, parse_trace
-
-
-def wait_for(predicate, what, timeout=30.0):
-    """Poll until predicate() is true (a deadline against hangs, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.02)
 
 
 # -- a client traced ------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 
 from test_cli_errors import check_one_line_error
 from test_command_mode import client_calls, spy
-from test_e2e_behaviour import parse_trace
+from tracetext import parse_trace
 from test_record_replay import quiet, render
 
 SELECT_LINE = " i  0000 00 A4 04 00 07 A0 00 00 03 08 00 00             ............"

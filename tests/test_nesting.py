@@ -4,7 +4,8 @@ entered again on the same thread before the first returns (pcsc-lite >=
 together with the real one)."""
 import subprocess
 
-from test_smoke_e2e import calls_of, calls_of_client
+from test_smoke_e2e import calls_of
+from tracetext import calls_of_client
 
 SYSTEM_LIB = "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1"
 

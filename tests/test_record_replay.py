@@ -22,7 +22,8 @@ import pytest
 import ebpf_pcsc
 from test_cli_errors import check_one_line_error
 from test_command_mode import client_calls, spy
-from test_e2e_behaviour import names_and_rvs, parse_trace, wait_for
+from processes import wait_for
+from tracetext import names_and_rvs, parse_trace
 from tracer import ROOT, command, run_tracer
 
 HEADER_KEYS = {"type", "format", "tool", "version", "kernel", "libraries", "start_time",
@@ -280,20 +281,11 @@ def assert_same_text(live: str, replay: str):
         pytest.fail("-r does not show what was shown live:\n" + diff[:6000])
 
 
-def test_replay_of_aborted_and_unfinished_calls(stack, tracer, tmp_path):
+def test_replay_of_aborted_and_unfinished_calls(spawn, tmp_path):
     """A process killed inside a call (aborted) and a call still blocked when
     tracing ends (unfinished): both recorded with rv null, both rendered by
     -r as they were live."""
     from test_e2e_behaviour import LiveTracer, block, blocked_call, start_blocker
-
-    started = []
-
-    def spawn(argv, stdin=False):
-        p = subprocess.Popen([str(a) for a in argv], env=stack.env,
-                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started.append(p)
-        return p
 
     rec, out = tmp_path / "trace.jsonl", tmp_path / "live.txt"
     t = None
@@ -315,10 +307,6 @@ def test_replay_of_aborted_and_unfinished_calls(stack, tracer, tmp_path):
     finally:
         if t is not None:
             t.kill()
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     header, *calls = [json.loads(line) for line in lines_of(rec)]
     (aborted,) = [c for c in calls if c["aborted"]]
     assert aborted["pid"] == killed.pid and aborted["function"] == "SCardGetStatusChange"

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from tracetext import calls_of_client
+
 SPEC_18 = {
     "SCardEstablishContext", "SCardReleaseContext", "SCardIsValidContext", "SCardConnect",
     "SCardReconnect", "SCardDisconnect", "SCardBeginTransaction", "SCardEndTransaction",
@@ -27,10 +29,6 @@ def calls_of(trace: str):
         if m:
             calls.append((name, m.group(1)))
     return calls
-
-
-def calls_of_client(stdout: str):
-    return [tuple(line.split(" rv=")) for line in stdout.splitlines() if " rv=" in line]
 
 
 def probe_handles(pid):
