@@ -133,7 +133,7 @@ class Capture:
             with _CapturedOutput() as said:
                 try:
                     self._phase_programs = {
-                        ret: bpf.load_func(name, BPF.KPROBE,
+                        ret: bpf.load_func(name.encode(), BPF.KPROBE,
                                            attach_type=uprobes.BPF_TRACE_UPROBE_MULTI).fd
                         for name, ret in ((codegen.ENTER_PROGRAM, False),
                                           (codegen.RETURN_PROGRAM, True))}
@@ -227,7 +227,7 @@ class Capture:
         self._loaders.add(key)
         try:
             offset = uprobes.file_offsets(path, function_addresses(path, b"^_dl_debug_state$"))
-            prog = self._bpf.load_func(codegen.LOADER_PROBE, self._bpf.KPROBE).fd
+            prog = self._bpf.load_func(codegen.LOADER_PROBE.encode(), self._bpf.KPROBE).fd
             self._fds.append(uprobes.attach_perf(prog, path, offset["_dl_debug_state"]))
         except Exception:  # bcc, the kernel, a loader without the hook (not glibc)
             return False   # not a discovery source
@@ -284,7 +284,7 @@ class Capture:
                 else:
                     for i, off in where:
                         name = codegen.return_probe(i) if ret else codegen.enter_probe(i)
-                        prog = bpf.load_func(name, bpf.KPROBE).fd
+                        prog = bpf.load_func(name.encode(), bpf.KPROBE).fd
                         fds.append(uprobes.attach_perf(prog, path, off, retprobe=ret))
         except BaseException:
             uprobes.close_all(fds)

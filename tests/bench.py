@@ -384,7 +384,7 @@ class Floor:
         assert len(self.offsets) == len(names), "the library lacks SCard* functions"
         self.bpf = BPF(text=self.SOURCE)
         self.prog = self.bpf.load_func(
-            "f", BPF.KPROBE, attach_type=uprobes.BPF_TRACE_UPROBE_MULTI if self.multi else -1).fd
+            b"f", BPF.KPROBE, attach_type=uprobes.BPF_TRACE_UPROBE_MULTI if self.multi else -1).fd
         self.fds = []
         CLEANUP.push(self.close)
 

@@ -151,7 +151,7 @@ def test_a_function_another_probe_holds_is_said_and_the_others_traced(stack, cli
     shutil.copy(SYSTEM_REAL, copy)
     offset = uprobes.file_offsets(copy, targets.function_addresses(copy))["SCardTransmit"]
     other = BPF(text=b"int f(void *ctx) { return 0; }")
-    fd = uprobes.attach_perf(other.load_func("f", BPF.KPROBE).fd, copy, offset,
+    fd = uprobes.attach_perf(other.load_func(b"f", BPF.KPROBE).fd, copy, offset,
                              ref_ctr_offset=8)   # in the ELF header: nobody maps this copy
     try:
         t = tracer("-n", "--lib", copy)
