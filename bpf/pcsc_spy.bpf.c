@@ -51,15 +51,42 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
 }
 #endif
 
-/* The call in flight on each thread, from entry to return, in the thread's
- * own storage: no hashing, no locks, no allocation per call, and it dies
- * with the thread.  A record whose head.call_ts is 0 is idle. */
+/* The call in flight on each thread, from entry to return.  A record whose
+ * head.call_ts is 0 is idle.  inflight_get(1) creates the thread's record
+ * when it has none. */
+#ifdef PCSC_INFLIGHT_HASH
+/* Before Linux 6.2 a task-storage lookup fails whenever another task-storage
+ * operation holds the CPU's busy counter (a preempted one, of any program):
+ * a RETURN that misses its record would leave the thread "in a call" for
+ * good.  There, a hash map by thread id; LRU, so that threads that are gone
+ * make room. */
+BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 16384);
+BPF_PERCPU_ARRAY(inflight_zero, struct pcsc_call, 1);   /* all zeros: a new record */
+
+static __always_inline struct pcsc_call *inflight_get(int create)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid(), zero = 0;
+	struct pcsc_call *c = inflight.lookup(&tid), *blank;
+
+	if (c || !create)
+		return c;
+	blank = inflight_zero.lookup(&zero);
+	if (!blank)
+		return NULL;
+	inflight.update(&tid, blank);
+	return inflight.lookup(&tid);
+}
+#else
+/* In the thread's own storage: no hashing, no allocation per call, and it
+ * goes away with the thread. */
 BPF_TASK_STORAGE(inflight, struct pcsc_call);
 
-static __always_inline struct pcsc_call *inflight_get(u64 flags)
+static __always_inline struct pcsc_call *inflight_get(int create)
 {
-	return inflight.task_storage_get(bpf_get_current_task_btf(), NULL, flags);
+	return inflight.task_storage_get(bpf_get_current_task_btf(), NULL,
+					 create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
+#endif
 
 /* Scratch space: a RETURN record and a DATA chunk are far larger than the
  * 512-byte BPF stack. */
@@ -99,7 +126,7 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 fun
 	if (!traced_pids.lookup(&pid))
 		return NULL;
 #endif
-	c = inflight_get(BPF_LOCAL_STORAGE_GET_F_CREATE);
+	c = inflight_get(1);
 	if (!c)
 		return NULL;
 	if (c->head.call_ts) {

@@ -43,6 +43,16 @@ LOADS_PAGES = 16
 # Set to "perf" to attach with one perf event per probe even where the
 # kernel has uprobe_multi links (how the tests cover kernels < 6.6).
 ATTACH_ENV = "PCSC_EBPF_SPY_ATTACH"
+# Set to "hash" to keep the calls in flight in a hash map even where task
+# storage is safe (Linux >= 6.2; how the tests cover older kernels).
+INFLIGHT_ENV = "PCSC_EBPF_SPY_INFLIGHT"
+
+
+def kernel_release() -> tuple:
+    """(major, minor) of the running kernel."""
+    import re
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 class _CapturedOutput:
@@ -117,7 +127,9 @@ class Capture:
         ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
         cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
                                 ring_pages=ring_pages if self.ring else None,
-                                wakeup_events=WAKEUP_EVENTS)
+                                wakeup_events=WAKEUP_EVENTS,
+                                inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
+                                or kernel_release() < (6, 2))
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:

@@ -112,7 +112,8 @@ LOADER_PROBE = "pcsc_loaded"
 
 
 def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
-           ring_pages: Optional[Tuple[int, int]] = None, wakeup_events: int = 1) -> list:
+           ring_pages: Optional[Tuple[int, int]] = None, wakeup_events: int = 1,
+           inflight_hash: bool = False) -> list:
     """The program's build options.  ring_pages: the BPF ring buffers' sizes
     (calls, library loads; pages, powers of 2) when the records go through
     ring buffers, else perf buffers; wakeup_events: records per wakeup of

@@ -2,7 +2,10 @@
 entered again on the same thread before the first returns (pcsc-lite >=
 2.1's redirect library; here a forwarding library of our own, probed
 together with the real one)."""
+import os
 import subprocess
+
+import pytest
 
 from test_smoke_e2e import calls_of
 from tracetext import calls_of_client
@@ -22,27 +25,31 @@ class _Run:
         self.stdout = stdout
 
 
-def trace(stack, tracer, argv, env_extra, *tracer_args):
+def trace(stack, tracer, argv, env_extra, *tracer_args, tracer_env=None):
     """argv traced alone (-p: other PC/SC users on the machine stay out)."""
     proc = stack.popen_waiting(argv, env=dict(stack.env, **env_extra))
-    t = tracer("-n", "-d", "-p", proc.pid, *tracer_args)
+    t = tracer("-n", "-d", "-p", proc.pid, *tracer_args, env=tracer_env)
     out = proc.release()
     res = t.stop()
     assert res.returncode == 0, res.stderr
     return _Run(out), res
 
 
+# The calls in flight in task storage (Linux >= 6.2), or in a hash map (older).
+@pytest.mark.parametrize("inflight", ["task-storage", "hash"])
 def test_nested_calls_reported_once_with_the_applications_arguments(stack, client_bin, tracer,
-                                                                    tmp_path):
+                                                                    tmp_path, inflight):
     forwarder = build_forwarder(tmp_path)
+    env = dict(os.environ, PCSC_EBPF_SPY_INFLIGHT="hash") if inflight == "hash" else None
     run, nested = trace(stack, tracer, [client_bin, "all"], {"LD_PRELOAD": forwarder},
-                        "--lib", forwarder, "--lib", SYSTEM_LIB)
+                        "--lib", forwarder, "--lib", SYSTEM_LIB, tracer_env=env)
     assert "Tracing 18 PC/SC functions in %s, %s..." % (forwarder, SYSTEM_LIB) in nested.stderr
     assert calls_of(nested.stdout) == calls_of_client(run.stdout)
 
     # The same workload without the forwarder: the same calls, line for line
     # (the summary's timings differ from run to run).
-    _, direct = trace(stack, tracer, [client_bin, "all"], {}, "--lib", SYSTEM_LIB)
+    _, direct = trace(stack, tracer, [client_bin, "all"], {}, "--lib", SYSTEM_LIB,
+                      tracer_env=env)
     assert calls_part(nested.stdout) == calls_part(direct.stdout)
 
 

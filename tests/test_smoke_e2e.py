@@ -1,7 +1,8 @@
 """The tracer end to end on the C client's full tour: all 18 functions,
 each call exactly once, with the result the application saw -- through
 uprobe_multi links (Linux >= 6.6, the default where the kernel has them) and
-through one perf event per probe (older kernels, e.g. Debian 12's 6.1)."""
+through one perf event per probe with the calls in flight in a hash map
+(older kernels, e.g. Debian 12's 6.1)."""
 import os
 import re
 
@@ -43,7 +44,10 @@ def probe_handles(pid):
 def test_every_call_once_with_its_result(stack, client_bin, tracer, attach, buffer):
     # -p: other PC/SC clients on the machine stay out of this trace.
     client = stack.popen_waiting([client_bin, "all"])
-    env = dict(os.environ, PCSC_EBPF_SPY_ATTACH="perf") if attach == "perf" else None
+    # As on Debian 12's own kernel (6.1): perf-event probes, calls in flight
+    # in a hash map (no uprobe_multi before 6.6, task storage unsafe before 6.2).
+    env = (dict(os.environ, PCSC_EBPF_SPY_ATTACH="perf", PCSC_EBPF_SPY_INFLIGHT="hash")
+           if attach == "perf" else None)
     t = tracer("-n", "-p", client.pid, "--buffer", buffer, env=env)
     # Besides the probes: three raw tracepoints (process exit, fork, exec)
     # are links; the loader's hook is a perf event, and so is each CPU's
