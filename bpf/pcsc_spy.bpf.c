@@ -9,12 +9,6 @@
 #include <uapi/linux/ptrace.h>
 #include "pcsc_event.h"
 
-/* The records' way to user space: the perf buffer (one ring per CPU), or,
- * with PCSC_RINGBUF (Linux >= 5.8), one BPF ring buffer shared by the CPUs,
- * which costs the traced thread less per record.  Either way user space is
- * woken once per PCSC_WAKEUP_EVENTS records, not for each: every wakeup is
- * an interrupt the traced thread pays for; the rest is read when its poll
- * times out. */
 /* Per CPU: enum pcsc_count (pcsc_event.h). */
 BPF_PERCPU_ARRAY(counts, u64, PCSC_COUNTS);
 
@@ -26,6 +20,12 @@ static __always_inline void count(u32 which)
 		++*n;
 }
 
+/* The records' way to user space: the perf buffer (one ring per CPU), or,
+ * with PCSC_RINGBUF (Linux >= 5.8), one BPF ring buffer shared by the CPUs,
+ * which costs the traced thread less per record.  Either way user space is
+ * woken once per PCSC_WAKEUP_EVENTS records, not for each: every wakeup is
+ * an interrupt the traced thread pays for; the rest is read when its poll
+ * times out. */
 #ifdef PCSC_RINGBUF
 BPF_RINGBUF_OUTPUT(events, PCSC_RINGBUF_PAGES);
 

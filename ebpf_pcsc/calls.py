@@ -5,7 +5,6 @@ run of DATA records closed by its ENTER or RETURN record (bpf/pcsc_event.h).
 The two phases may come from different CPUs, so a RETURN can arrive before
 its ENTER: it waits until the ENTER is seen.
 """
-import ctypes
 import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,16 +12,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import layout as L
 from .captures import Bytes, Function, ReaderStates, Text, Word
 
-# The records as struct formats, for speed (one unpack per record, no ctypes
-# object): checked against layout.py's mirror of the header.
-_HEAD = struct.Struct("<QQIIHH16s4x")  # trailing padding to 8-byte alignment
-_CALL = struct.Struct("<qII%dQ%dQ" % (L.PCSC_MAX_ARGS, L.PCSC_MAX_WORDS))  # after the head
-_DATA = struct.Struct("<IIIHHH6x")
-assert _HEAD.size == ctypes.sizeof(L.Head)
-assert _HEAD.size + _CALL.size == ctypes.sizeof(L.CallRecord)
-assert _HEAD.size + struct.calcsize("<qII") == L.CallRecord.args.offset
-assert L.CallRecord.words.offset - L.CallRecord.args.offset == 8 * L.PCSC_MAX_ARGS
-assert _HEAD.size + _DATA.size == L.DATA_OFFSET
+# The records as struct formats (layout.py derives them from its mirror of
+# the header): one unpack per record.
+_HEAD = L.HEAD_FORMAT
+_CALL = L.CALL_BODY_FORMAT     # rv, valid, depth, args..., words...
+_DATA = L.DATA_BODY_FORMAT
 _ARGS = slice(3, 3 + L.PCSC_MAX_ARGS)
 _WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)
 

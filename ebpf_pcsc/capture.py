@@ -5,6 +5,7 @@ module does no work.
 """
 import ctypes
 import os
+import re
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -14,8 +15,8 @@ from .errors import SpyError
 from .functions import Function
 from .targets import Library, function_addresses
 
-# The perf buffers absorb bursts while the Python reader catches up (it
-# needs ~17 µs of CPU per call; a traced loop makes one every ~4 µs).  64 MiB
+# The buffers absorb bursts while the Python reader catches up (it needs
+# ~14 µs of CPU per call; a traced loop makes one every ~3 µs).  64 MiB
 # in all, split between the CPUs: a 50,000-call burst (~17 MB of records)
 # fits in one CPU's buffer on a small machine; each CPU gets between 1 MiB
 # and 32 MiB (a power of two, in 4 KiB pages).
@@ -50,7 +51,6 @@ INFLIGHT_ENV = "PCSC_EBPF_SPY_INFLIGHT"
 
 def kernel_release() -> tuple:
     """(major, minor) of the running kernel."""
-    import re
     m = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 

@@ -69,7 +69,8 @@ def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, outpu
     if perf_pages is not None and (perf_pages < 1 or perf_pages & (perf_pages - 1)):
         raise click.BadParameter("must be a power of two (1, 2, 4, ... 1024)",
                                  param_hint="--perf-pages")
-    opts = Options(perf_pages=perf_pages, transport=transport, output=output, pids=pids, libs=libs, command=command,
+    opts = Options(perf_pages=perf_pages, transport=transport, output=output, pids=pids,
+                   libs=libs, command=command,
                    color=not nocolor and not as_json and output is None and sys.stdout.isatty(),
                    diffable=diffable, show_thread=show_thread, result_dialect=spy_format,
                    quiet=quiet, json=as_json,

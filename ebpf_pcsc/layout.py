@@ -4,6 +4,7 @@ tests/test_layout.py compiles the header and fails when a size, an offset or
 a limit here differs from it.
 """
 import ctypes
+import struct
 from pathlib import Path
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "pcsc_event.h"
@@ -78,6 +79,46 @@ class DataRecord(ctypes.Structure):
 
 
 DATA_OFFSET = DataRecord.data.offset
+
+
+# The same structs as struct formats, derived from the ctypes mirror above
+# (not written a second time): the decoder unpacks a record in one call,
+# with no ctypes object per record.
+_CHARS = {ctypes.c_uint64: "Q", ctypes.c_int64: "q", ctypes.c_uint32: "I",
+          ctypes.c_uint16: "H", ctypes.c_uint8: "B", ctypes.c_char: "s"}
+
+
+def _format(struct_type, first: str = None, stop: str = None) -> struct.Struct:
+    """The fields of struct_type from `first` (default: the first) up to
+    `stop` (excluded; default: the end, with the trailing padding), each a
+    value (arrays: one per element, char arrays: one bytes); padding, and
+    the fields named pad, as such."""
+    names = [f[0] for f in struct_type._fields_]
+    fields = struct_type._fields_[names.index(first) if first else 0:
+                                  names.index(stop) if stop else None]
+    start = pos = getattr(struct_type, fields[0][0]).offset
+    fmt = "<"
+    for name, ftype in fields:
+        offset = getattr(struct_type, name).offset
+        fmt += "%dx" % (offset - pos) if offset > pos else ""
+        pos = offset + ctypes.sizeof(ftype)
+        if name == "pad":
+            fmt += "%dx" % ctypes.sizeof(ftype)
+            continue
+        length = getattr(ftype, "_length_", None)
+        element = ftype._type_ if length else ftype
+        char = _CHARS[element]
+        fmt += "%d%s" % (length, char) if length else char
+    end = getattr(struct_type, stop).offset if stop else ctypes.sizeof(struct_type)
+    fmt += "%dx" % (end - pos) if end > pos else ""
+    result = struct.Struct(fmt)
+    assert result.size == end - start, (struct_type, fmt)
+    return result
+
+
+HEAD_FORMAT = _format(Head)                          # struct pcsc_head
+CALL_BODY_FORMAT = _format(CallRecord, first="rv")   # struct pcsc_call after its head
+DATA_BODY_FORMAT = _format(DataRecord, first="total", stop="data")   # pcsc_data's fixed part
 
 # For the drift test: every struct and limit this module mirrors.
 STRUCTS = {"pcsc_head": Head, "pcsc_call": CallRecord, "pcsc_data": DataRecord}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -332,7 +333,6 @@ class _Watch:
         self.next = 0.0
 
     def all_ended(self) -> bool:
-        import time
         now = time.monotonic()
         if now < self.next:
             return False

@@ -62,9 +62,9 @@ class Durations:
         """The median (of the two middle values for an even count)."""
         if self._exact is not None:
             ordered = sorted(self._exact)
-            mid = len(ordered) // 2
             if not ordered:
                 return 0.0
+            mid = len(ordered) // 2
             return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
         return self.quantile_ns(0.5)
 

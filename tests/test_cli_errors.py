@@ -3,7 +3,10 @@ that says what is wrong and what to do (no traceback, nothing on stdout).
 --help exits 0."""
 import os
 import re
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +79,20 @@ def test_bad_pid_among_good_ones():
 
 
 def test_not_root():
-    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          *command("-n")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, stdin=subprocess.DEVNULL)
+    # The user `nobody` may not be able to read this clone (CI clones into a
+    # 0700 directory), nor pytest's tmp_path: it runs a world-readable copy
+    # of the package, with the system's Python (Debian's bcc, click, tabulate).
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d)
+        copy.chmod(0o755)
+        for part in ("ebpf_pcsc", "bpf"):
+            shutil.copytree(ROOT / part, copy / part,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                              "/usr/bin/python3", "-m", "ebpf_pcsc", "-n"], cwd=copy,
+                             capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL,
+                             env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     check_one_line_error(res, r"not enough privileges to load eBPF programs",
                          r"run as root", r"CAP_BPF and CAP_PERFMON")
 

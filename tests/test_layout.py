@@ -157,22 +157,28 @@ def test_every_constant_mirrored(c_side):
     assert not wrong, "(layout.py, header) values differ: %s" % wrong
 
 
-def test_calls_formats_match_the_header(c_side):
-    """calls.py unpacks the head and the DATA fields with struct formats:
-    they must fit the C layout (it also asserts this at import)."""
-    from ebpf_pcsc import calls
+def test_struct_formats_match_the_header(c_side):
+    """The decoder unpacks records with struct formats that layout.py derives
+    from its ctypes mirror: they must fit the C layout, field by field."""
     structs, _ = c_side
     head_size = structs["pcsc_head"][0]
     data_offset = dict((f, o) for f, o, _ in structs["pcsc_data"][2])["data"]
-    assert calls._HEAD.size == head_size
-    assert calls._HEAD.size + calls._DATA.size == data_offset == L.DATA_OFFSET
+    assert L.HEAD_FORMAT.size == head_size
+    assert L.HEAD_FORMAT.size + L.DATA_BODY_FORMAT.size == data_offset == L.DATA_OFFSET
+    assert L.HEAD_FORMAT.size + L.CALL_BODY_FORMAT.size == structs["pcsc_call"][0]
     head_fields = structs["pcsc_head"][2]
     assert [f for f, _, _ in head_fields] == ["ts", "call_ts", "pid", "tid", "kind", "func", "comm"]
     # The order of the unpacked values is the order of the fields.
     raw = bytes(L.Head(ts=1, call_ts=2, pid=3, tid=4, kind=5, func=6, comm=b"abc"))
-    assert calls._HEAD.unpack(raw) == (1, 2, 3, 4, 5, 6, b"abc" + bytes(13))
+    assert L.HEAD_FORMAT.unpack(raw) == (1, 2, 3, 4, 5, 6, b"abc" + bytes(13))
     d = L.DataRecord(total=7, offset=8, len=9, field=10, index=11, flags=12)
-    assert calls._DATA.unpack_from(bytes(d), head_size) == (7, 8, 9, 10, 11, 12)
+    assert L.DATA_BODY_FORMAT.unpack_from(bytes(d), head_size) == (7, 8, 9, 10, 11, 12)
+    args = list(range(100, 100 + L.PCSC_MAX_ARGS))
+    words = list(range(200, 200 + L.PCSC_MAX_WORDS))
+    c = L.CallRecord(rv=-5, valid=3, depth=2)
+    c.args[:] = args
+    c.words[:] = words
+    assert L.CALL_BODY_FORMAT.unpack_from(bytes(c), head_size) == (-5, 3, 2, *args, *words)
 
 
 def test_limits_are_consistent():
