@@ -40,7 +40,7 @@ enum pcsc_record_kind {
 /* Counters the kernel side keeps, per CPU, in the `counts` array. */
 enum pcsc_count {
 	PCSC_COUNT_SINCE_WAKEUP = 0,  /* ring buffer: records since user space was woken */
-	PCSC_COUNT_LOST = 1,          /* ring buffer: call records that did not fit */
+	PCSC_COUNT_LOST = 1,          /* call records that did not fit */
 	PCSC_COUNT_LOADS_LOST = 2,    /* library-load records that did not fit */
 	PCSC_COUNTS = 3,
 };

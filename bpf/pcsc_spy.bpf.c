@@ -47,7 +47,11 @@ BPF_PERF_OUTPUT(events);
 
 static __always_inline void emit(void *ctx, void *data, u32 size)
 {
-	events.perf_submit(ctx, data, size);
+	/* Counted here, not only by perf's own LOST record: the kernel writes
+	 * that one with the next record that fits, and at the end of a burst
+	 * there may be none. */
+	if (events.perf_submit(ctx, data, size) < 0)
+		count(PCSC_COUNT_LOST);
 }
 #endif
 

@@ -166,10 +166,12 @@ class Capture:
             if self.discover:
                 bpf["loads"].open_ring_buffer(self._on_load)
         else:
+            # Lost records are counted on the kernel side (both ways), and
+            # reported by poll().
             bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
-                                           lost_cb=self._lost, wakeup_events=WAKEUP_EVENTS)
+                                           lost_cb=lambda count: None,
+                                           wakeup_events=WAKEUP_EVENTS)
             if self.discover:
-                # Lost library loads are counted on the kernel side (both ways).
                 bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
                                               lost_cb=lambda count: None)
         for lib in self.libraries:
@@ -316,12 +318,12 @@ class Capture:
         if self.ring:
             self._bpf.ring_buffer_poll(timeout=timeout_ms)
             self._bpf.ring_buffer_consume()
-            lost = self._news(L.PCSC_COUNT_LOST)   # a perf buffer says it to _lost()
-            if lost:
-                self._lost(lost)
         else:
             self._bpf.perf_buffer_poll(timeout=timeout_ms)
             self._bpf.perf_buffer_consume()
+        lost = self._news(L.PCSC_COUNT_LOST)
+        if lost:
+            self._lost(lost)
         batch, self._batch = self._batch, []
         return batch
 

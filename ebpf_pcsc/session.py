@@ -315,6 +315,11 @@ def trace(opts: Options, out) -> int:
         status = outputs.finish()
     finally:
         capture.close()
+        # Over: a late Ctrl-C or SIGTERM (say, from a script that did not see
+        # the end) must not kill the interpreter while it exits, which gives
+        # the signals their default action back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     if child is not None:
         code = child.wait()
         code = 128 - code if code < 0 else code   # killed by signal N: 128 + N
