@@ -193,10 +193,15 @@ def expected_rows(recording: Path):
         groups.setdefault(key, []).append(call)
     rows = {}
     for key, calls in groups.items():
-        us = sorted((c["return_ns"] - c["entry_ns"]) / 1000.0 for c in calls)
+        ns = [c["return_ns"] - c["entry_ns"] for c in calls]
+        us = sorted(n / 1000.0 for n in ns)
         p95 = us[max(1, math.ceil(0.95 * len(us))) - 1]
+        # Total and median from the integer nanoseconds, as the tracer computes
+        # them: float sums can land on the other side of a rounding boundary
+        # (165.65 µs).
+        total, median = sum(ns) / 1000.0, statistics.median(ns) / 1000.0
         rows[key] = (calls[0]["comm"], len(calls), sum(1 for c in calls if c["rv"]),
-                     ["%.1f" % v for v in (sum(us), us[0], statistics.median(us), p95, us[-1])])
+                     ["%.1f" % v for v in (total, us[0], median, p95, us[-1])])
     return rows
 
 
