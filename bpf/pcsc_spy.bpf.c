@@ -9,6 +9,16 @@
 #include <uapi/linux/ptrace.h>
 #include "pcsc_event.h"
 
+/* bcc 0.26 looks up bpf_probe_read_user in /proc/kallsyms when the source
+ * calls it by that name (to fall back to bpf_probe_read on kernels before
+ * 5.5): reading and hashing the whole symbol table took ~0.3 s of every
+ * start.  Every kernel we run on has the helper (uprobe_multi or task
+ * storage or not, it is older than both): we call it under our own name. */
+static long (*read_user)(void *dst, u32 size, const void *unsafe_ptr) =
+	(void *)BPF_FUNC_probe_read_user;
+static long (*read_user_str)(void *dst, u32 size, const void *unsafe_ptr) =
+	(void *)BPF_FUNC_probe_read_user_str;
+
 /* Per CPU: enum pcsc_count (pcsc_event.h). */
 BPF_PERCPU_ARRAY(counts, u64, PCSC_COUNTS);
 
@@ -147,7 +157,7 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 fun
 	c->args[5] = PT_REGS_PARM6(ctx);
 	/* x86-64: the 7th argument is on the stack, above the return address. */
 	if (nargs > 6)
-		bpf_probe_read_user(&c->args[6], sizeof(u64), (void *)(PT_REGS_SP(ctx) + 8));
+		read_user(&c->args[6], sizeof(u64), (void *)(PT_REGS_SP(ctx) + 8));
 	return c;
 }
 
@@ -198,7 +208,7 @@ static __always_inline void read_word(struct pcsc_call *c, int slot, u64 addr, u
 {
 	if (!addr || slot >= PCSC_MAX_WORDS)
 		return;
-	if (bpf_probe_read_user(&c->words[slot], sizeof(u64), (void *)(addr + off)) == 0)
+	if (read_user(&c->words[slot], sizeof(u64), (void *)(addr + off)) == 0)
 		c->valid |= 1U << slot;
 }
 
@@ -218,7 +228,7 @@ static __always_inline u64 buffer_ptr(struct pcsc_call *entry, int len_slot, u64
 
 	if (!arg || !(entry->valid & (1U << len_slot)) || entry->words[len_slot] != PCSC_AUTOALLOCATE)
 		return arg;
-	bpf_probe_read_user(&p, sizeof(p), (void *)arg);
+	read_user(&p, sizeof(p), (void *)arg);
 	return p;
 }
 
@@ -274,7 +284,7 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 		 * an earlier copy). */
 		n &= 2 * PCSC_CHUNK - 1;
 		d->offset = off;
-		if (bpf_probe_read_user(d->data, n, (void *)(addr + off))) {
+		if (read_user(d->data, n, (void *)(addr + off))) {
 			d->flags |= PCSC_DATA_FAULT;
 			d->len = 0;
 			emit(ctx, d, offsetof(struct pcsc_data, data));
@@ -299,7 +309,7 @@ static __always_inline void emit_str(struct pt_regs *ctx, struct pcsc_head *h,
 		emit(ctx, d, offsetof(struct pcsc_data, data));
 		return;
 	}
-	n = bpf_probe_read_user_str(d->data, PCSC_MAX_STRING, (void *)addr);
+	n = read_user_str(d->data, PCSC_MAX_STRING, (void *)addr);
 	if (n <= 0) {
 		d->flags = PCSC_DATA_FAULT;
 		n = 0;
@@ -329,7 +339,7 @@ static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_h
 
 		if (i >= n)
 			break;
-		bpf_probe_read_user(&name, sizeof(name),
+		read_user(&name, sizeof(name),
 				    (void *)(addr + i * PCSC_READERSTATE_SIZE));
 		emit_str(ctx, h, field, i + 1, name);
 	}

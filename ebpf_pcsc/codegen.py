@@ -126,6 +126,8 @@ def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
                   "-DPCSC_LOADS_PAGES=%d" % ring_pages[1]]
     if discover:
         flags.append("-DPCSC_DISCOVER")
+    if inflight_hash:
+        flags.append("-DPCSC_INFLIGHT_HASH")
     if filter_pids:
         from .btf import member_offsets
         flags.append("-DPCSC_FILTER_PIDS")

@@ -39,6 +39,21 @@ def probe_handles(pid):
             sum(k == "anon_inode:[perf_event]" for k in kinds))
 
 
+# enum bpf_map_type (uapi/linux/bpf.h)
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_TASK_STORAGE = 29
+
+
+def map_types(pid):
+    """The types of the BPF maps the tracer holds (from its fds' fdinfo)."""
+    types = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:bpf-map":
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                types += [int(l.split()[1]) for l in f if l.startswith("map_type:")]
+    return types
+
+
 @pytest.mark.parametrize("attach, buffer", [("multi", "perf"), ("perf", "perf"),
                                             ("multi", "ring")])
 def test_every_call_once_with_its_result(stack, client_bin, tracer, attach, buffer):
@@ -58,6 +73,12 @@ def test_every_call_once_with_its_result(stack, client_bin, tracer, attach, buff
         assert probe_handles(t.proc.pid) == (links + 2, perf_events)
     else:                   # 18 functions x 2 phases
         assert probe_handles(t.proc.pid) == (links, perf_events + 36)
+    # Where the calls in flight are kept: the thread's storage, or a hash map.
+    types = map_types(t.proc.pid)
+    if attach == "multi":
+        assert BPF_MAP_TYPE_TASK_STORAGE in types and BPF_MAP_TYPE_LRU_HASH not in types
+    else:
+        assert BPF_MAP_TYPE_LRU_HASH in types and BPF_MAP_TYPE_TASK_STORAGE not in types
     out = client.release()
     res = t.stop()
     assert res.returncode == 0, res.stderr
