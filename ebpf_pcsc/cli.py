@@ -51,10 +51,11 @@ def _summary_format(ctx, param, value):
 @click.option("--perf-pages", type=int, metavar="N",
               help="Perf buffer size per CPU in 4 KiB pages, a power of two "
                    "(default: 64 MiB shared by the CPUs, at most 8192 each).")
-@click.option("--buffer", "transport", type=click.Choice(["perf", "ring"]), default="perf",
-              show_default=True,
-              help="How records reach the tracer: the perf buffer, or a BPF ring buffer "
-                   "(Linux >= 5.8; costs the traced threads less per call).")
+@click.option("--buffer", "transport", type=click.Choice(["auto", "perf", "ring"]),
+              default="auto", show_default=True,
+              help="How records reach the tracer: a BPF ring buffer (Linux >= 5.8; costs "
+                   "the traced threads less per call) or the perf buffer; auto: the ring "
+                   "buffer where the kernel has one.")
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
 def command(pids, libs, nocolor, diffable, show_thread, spy_format, write, output, read, quiet, as_json, expect,

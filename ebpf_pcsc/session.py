@@ -41,7 +41,7 @@ class Options:
     summary: bool = False            # tables after pcsc-spy's summary
     summary_format: str = "simple"
     perf_pages: Optional[int] = None
-    transport: str = "perf"          # --buffer: "perf" or "ring"
+    transport: str = "auto"          # --buffer: "auto", "perf" or "ring"
     apdu: bool = False               # --apdu: APDUs and ATRs decoded under the calls
     redact: bool = False             # --redact: PINs masked before any output sees them
     smartcard_list: Optional[str] = None   # --smartcard-list (None: pcsc-tools' list)

@@ -32,9 +32,11 @@ from typing import Dict, Iterable, Sequence
 # bpf(2): syscall number per architecture, and the command and attach type
 # (include/uapi/linux/bpf.h).
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
 BPF_LINK_CREATE = 28
 BPF_PROG_TYPE_KPROBE = 2
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_TRACE_UPROBE_MULTI = 48
 BPF_F_UPROBE_MULTI_RETURN = 1
 # union bpf_attr: large enough for link_create (the kernel takes what it knows).
@@ -106,6 +108,20 @@ def supported() -> bool:
         return False
     finally:
         threading.Thread(target=close_all, args=(fds,), daemon=True).start()
+
+
+
+def ring_buffer_supported() -> bool:
+    """Whether this kernel has BPF ring buffers (Linux >= 5.8, and kernels
+    that backported them): a one-page ring is made, then closed."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    # map_type, key_size, value_size, max_entries (the ring's size in bytes)
+    struct.pack_into("<IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, os.sysconf("SC_PAGE_SIZE"))
+    try:
+        os.close(_bpf(BPF_MAP_CREATE, attr))
+    except OSError:
+        return False
+    return True
 
 
 _attach_uprobe = None

@@ -17,7 +17,7 @@ ROWS = [
     "  pcsc-ebpf-spy",
     "    x floor",
     "    x pcsc-spy",
-    "  pcsc-ebpf-spy --buffer ring",
+    "  pcsc-ebpf-spy --buffer perf",
     "SCardTransmit, µs/call",
     "    traced / untraced",
     "Burst of",
@@ -30,7 +30,7 @@ ROWS = [
 ]
 
 TARGETS = ["isvalid: pcsc-ebpf-spy / floor", "isvalid: pcsc-ebpf-spy / pcsc-spy",
-           "isvalid: --buffer ring / floor",
+           "isvalid: --buffer perf / floor",
            "SCardTransmit: traced / untraced", "burst: calls lost", "start to Tracing (s)"]
 
 
@@ -56,7 +56,7 @@ def test_bench_quick(tmp_path):
     res = json.loads(out.read_text())
     for key in ("kernel", "cpu", "cores", "date"):
         assert res["machine"][key], key
-    for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-ebpf-spy --buffer ring",
+    for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-ebpf-spy --buffer perf",
                     "pcsc-spy"):
         assert _number(res["isvalid"][variant]["us_per_call"]), variant
         assert res["isvalid"][variant]["us_per_call"] > 0, variant

@@ -56,8 +56,8 @@ BAD_INPUT = {
     "lib without SCard functions": (["--lib", "/bin/true"],
                                     [r"/bin/true exports no SCard\* function",
                                      r"give the path of a libpcsclite\.so\.1"]),
-    "unknown buffer": (["--buffer", "shm"], [r"'--buffer'", r"'shm' is not one of 'perf', 'ring'",
-                                             r"--help"]),
+    "unknown buffer": (["--buffer", "shm"],
+                       [r"'--buffer'", r"'shm' is not one of 'auto', 'perf', 'ring'", r"--help"]),
     "perf pages not a power of two": (["--perf-pages", "3"], [r"--perf-pages", r"power of two",
                                                               r"--help"]),
 }

@@ -40,7 +40,9 @@ def probe_handles(pid):
 
 
 # enum bpf_map_type (uapi/linux/bpf.h)
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_TASK_STORAGE = 29
 
 
@@ -86,3 +88,17 @@ def test_every_call_once_with_its_result(stack, client_bin, tracer, attach, buff
     assert traced == calls_of_client(out)
     assert {name for name, _ in traced} == SPEC_18
     assert "\nThread 1/1\nResults sorted by total execution time\n" in res.stdout
+
+
+def test_default_buffer_is_the_ring_buffer_where_the_kernel_has_one(stack, client_bin, tracer):
+    """--buffer auto (the default): this kernel has BPF ring buffers (>= 5.8),
+    so the records and the library loads go through ring buffers, and no
+    perf buffer is made."""
+    client = stack.popen_waiting([client_bin, "all"])
+    t = tracer("-n", "-p", client.pid)
+    types = map_types(t.proc.pid)
+    assert types.count(BPF_MAP_TYPE_RINGBUF) == 2 and BPF_MAP_TYPE_PERF_EVENT_ARRAY not in types
+    out = client.release()
+    res = t.stop()
+    assert res.returncode == 0, res.stderr
+    assert calls_of(res.stdout) == calls_of_client(out)
