@@ -6,6 +6,7 @@ module does no work.
 import ctypes
 import os
 import re
+import select
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -13,6 +14,7 @@ from . import codegen, uprobes
 from . import layout as L
 from .errors import SpyError
 from .functions import Function
+from .ringbuf import RingBuffer
 from .targets import Library, function_addresses
 
 # The buffers absorb bursts while the Python reader catches up (it needs
@@ -120,6 +122,8 @@ class Capture:
         self._loaders = set()   # (dev, ino) of dynamic loaders probed
         self._bpf = None
         self._batch: List[bytes] = []
+        self._rings = {}        # ring buffers: name -> RingBuffer
+        self._epoll = None
         self._loads: List[bytes] = []
         self.multi = False      # uprobe_multi links (else one perf event per probe)
         self._phase_programs = {}   # uprobe_multi: is-return -> the phase's program fd
@@ -177,9 +181,18 @@ class Capture:
         # has somewhere to go.
         self._on_lost = on_lost
         if self.ring:
-            bpf["events"].open_ring_buffer(self._on_sample)
+            # Read by us from the mapped memory (ringbuf.py), not through bcc.
+            self._rings = {"events": RingBuffer(bpf["events"].map_fd, ring_pages[0] * 4096)}
             if self.discover:
-                bpf["loads"].open_ring_buffer(self._on_load)
+                self._rings["loads"] = RingBuffer(bpf["loads"].map_fd, ring_pages[1] * 4096)
+            # Edge-triggered: a ring buffer polls readable whenever it holds a
+            # record, so a level-triggered reader would come back for each
+            # few records of a slow stream (a batch's overhead each time,
+            # while the traced threads want the CPUs).  Woken by the kernel
+            # only (once per WAKEUP_EVENTS records), or by the poll's timeout.
+            self._epoll = select.epoll()
+            for ring in self._rings.values():
+                self._epoll.register(ring.fd, select.EPOLLIN | select.EPOLLET)
         else:
             # Lost records are counted on the kernel side (both ways), and
             # reported by poll().
@@ -331,8 +344,11 @@ class Capture:
         """The call records that arrived, in arrival order (see take_loads()
         for the library loads)."""
         if self.ring:
-            self._bpf.ring_buffer_poll(timeout=timeout_ms)
-            self._bpf.ring_buffer_consume()
+            self._epoll.poll(timeout_ms / 1000)
+            # Loads first: a process's library load precedes its calls.
+            if "loads" in self._rings:
+                self._loads.extend(self._rings["loads"].read())
+            self._batch.extend(self._rings["events"].read())
         else:
             self._bpf.perf_buffer_poll(timeout=timeout_ms)
             self._bpf.perf_buffer_consume()
@@ -364,5 +380,11 @@ class Capture:
         # Closing a link or a perf event is the whole detach.
         uprobes.close_all(self._fds)
         self._fds = []
+        for ring in self._rings.values():
+            ring.close()
+        self._rings = {}
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
         self._bpf.cleanup()
         self._bpf = None

@@ -47,13 +47,15 @@ BPF_MAP_TYPE_TASK_STORAGE = 29
 
 
 def map_types(pid):
-    """The types of the BPF maps the tracer holds (from its fds' fdinfo)."""
-    types = []
+    """The types of the BPF maps the tracer holds, one per map (from its
+    fds' fdinfo: a map may have several fds, e.g. a mapped ring buffer)."""
+    maps = {}
     for fd in os.listdir("/proc/%d/fd" % pid):
         if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:bpf-map":
             with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
-                types += [int(l.split()[1]) for l in f if l.startswith("map_type:")]
-    return types
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+            maps[int(info["map_id"])] = int(info["map_type"])
+    return list(maps.values())
 
 
 @pytest.mark.parametrize("attach, buffer", [("multi", "perf"), ("perf", "perf"),

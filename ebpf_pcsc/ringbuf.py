@@ -1,0 +1,65 @@
+"""A BPF ring buffer read straight from its memory.
+
+bcc reads a ring buffer through libbpf, which calls into Python once per
+record (a ctypes callback: several µs each, the larger part of the reader's
+cost per record) and publishes the consumer position after every record (a
+cache line that the producing CPUs then have to fetch back).  Mapped here,
+the records of one pass are sliced out of the data pages, and the consumer
+position is written once per pass.
+
+The layout (kernel/bpf/ringbuf.c, uapi/linux/bpf.h): page 0 holds the
+consumer position, the one page user space writes; page 1 the producer
+position; then the data pages, mapped twice in a row, so that a record which
+wraps around the end is contiguous.  Each record: a u32 length carrying
+BPF_RINGBUF_BUSY_BIT (reserved, not yet committed) and
+BPF_RINGBUF_DISCARD_BIT, a u32 page offset, the data, padded to 8 bytes.
+"""
+import mmap
+import struct
+from typing import List
+
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+HEADER_SIZE = 8
+
+_POSITION = struct.Struct("<Q")
+_LENGTH = struct.Struct("<I")
+
+
+class RingBuffer:
+    """The ring buffer map map_fd, of data_size bytes (a power of 2)."""
+
+    def __init__(self, map_fd: int, data_size: int):
+        page = mmap.PAGESIZE
+        self.fd = map_fd
+        self._mask = data_size - 1
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=page)
+        self._data = memoryview(self._producer)[page:]
+
+    def read(self) -> List[bytes]:
+        """The records committed since the last read, in order (copies: the
+        space is handed back to the kernel before this returns)."""
+        consumer, = _POSITION.unpack_from(self._consumer)
+        producer, = _POSITION.unpack_from(self._producer)
+        records = []
+        data, mask = self._data, self._mask
+        while consumer < producer:
+            at = consumer & mask
+            length, = _LENGTH.unpack_from(data, at)
+            if length & BUSY_BIT:       # reserved, not committed: later records wait too
+                break
+            size = length & ~(BUSY_BIT | DISCARD_BIT)
+            if not length & DISCARD_BIT:
+                start = at + HEADER_SIZE
+                records.append(bytes(data[start:start + size]))
+            consumer += (size + HEADER_SIZE + 7) & ~7
+        _POSITION.pack_into(self._consumer, 0, consumer)
+        return records
+
+    def close(self) -> None:
+        self._data.release()
+        self._producer.close()
+        self._consumer.close()
