@@ -1,10 +1,11 @@
 /* pcsc-ebpf-spy, kernel side (compiled at run time by bcc).
  *
- * The machinery common to every SCard* function lives here; the per-function
- * code (enter_N / return_N, and the programs that run it: pcsc_enter and
- * pcsc_return dispatching on the uprobe_multi cookie, or pcsc_enter_N /
- * pcsc_return_N) is generated from the function table in
- * ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and appended to this text.
+ * The machinery common to every SCard* function lives here; what each one
+ * captures (capture_enter, capture_return: a switch on the function's index)
+ * and the programs (pcsc_enter and pcsc_return, given the index by the
+ * uprobe_multi cookie, or pcsc_enter_N / pcsc_return_N) are generated from
+ * the function table in ebpf_pcsc/functions.py by ebpf_pcsc/codegen.py and
+ * appended to this text.
  */
 #include <uapi/linux/ptrace.h>
 #include "pcsc_event.h"
@@ -131,7 +132,7 @@ static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
  * call (pcsc-lite >= 2.1's libpcsclite.so.1 forwards to
  * libpcsclite_real.so.1, and both are probed: only the outer call, the
  * application's own, is reported). */
-static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 func, int nargs)
+static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 func)
 {
 	struct pcsc_call *c;
 
@@ -156,7 +157,7 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u16 fun
 	c->args[4] = PT_REGS_PARM5(ctx);
 	c->args[5] = PT_REGS_PARM6(ctx);
 	/* x86-64: the 7th argument is on the stack, above the return address. */
-	if (nargs > 6)
+	if (func < 64 && ((1ULL << func) & PCSC_SEVEN_ARGS))
 		read_user(&c->args[6], sizeof(u64), (void *)(PT_REGS_SP(ctx) + 8));
 	return c;
 }
@@ -269,7 +270,10 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 		len = PCSC_MAX_BUFFER;
 	}
 	d->total = len;
-#pragma unroll
+	/* A loop, not unrolled (bounded loops verify since Linux 5.3): the
+	 * unrolled chunks made a third of the program's instructions, which
+	 * cost compile time at every start, and instruction cache. */
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < PCSC_MAX_CHUNKS; i++) {
 		u32 off = i * PCSC_CHUNK;
 		u64 n;
@@ -334,6 +338,7 @@ static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_h
 	emit_bytes(ctx, h, field, 0, addr, count * PCSC_READERSTATE_SIZE);
 	if (!addr)
 		return;
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < PCSC_MAX_READERS; i++) {
 		u64 name = 0;
 
@@ -343,6 +348,36 @@ static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_h
 				    (void *)(addr + i * PCSC_READERSTATE_SIZE));
 		emit_str(ctx, h, field, i + 1, name);
 	}
+}
+
+/* Generated (codegen.py): what each function reads at entry and at return. */
+static __always_inline void capture_enter(struct pt_regs *ctx, struct pcsc_call *c, u32 func);
+static __always_inline void capture_return(struct pt_regs *ctx, struct pcsc_call *r,
+					   struct pcsc_call *e, u32 func);
+
+/* Entry of SCard* function number func (its index in the table). */
+static __always_inline int on_enter(struct pt_regs *ctx, u32 func)
+{
+	struct pcsc_call *c = call_begin(ctx, func);
+
+	if (!c)
+		return 0;
+	capture_enter(ctx, c, func);
+	call_submit(ctx, c);
+	return 0;
+}
+
+/* Return of SCard* function number func. */
+static __always_inline int on_return(struct pt_regs *ctx, u32 func)
+{
+	struct pcsc_call *e = NULL;
+	struct pcsc_call *r = call_end(ctx, &e);
+
+	if (!r || !e)
+		return 0;
+	capture_return(ctx, r, e, func);
+	call_finish(ctx, r, e);
+	return 0;
 }
 
 /* A thread that ends inside a call never returns from it: report the call

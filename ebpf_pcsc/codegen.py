@@ -1,13 +1,15 @@
 """Generate the per-function BPF probes from the function table.
 
-Each row becomes two inline functions, enter_<i> and return_<i>, built from
-the helpers of bpf/pcsc_spy.bpf.c, and the programs that run them:
+Each row becomes a case of capture_enter() and of capture_return(), built
+from the helpers of bpf/pcsc_spy.bpf.c, whose on_enter() and on_return() do
+what every call needs around them.  The programs that run those:
 
 - with uprobe_multi links (PCSC_UPROBE_MULTI, Linux >= 6.6): one program per
-  phase, pcsc_enter and pcsc_return, which dispatch on the link's cookie,
-  the function's index (see uprobes.py);
+  phase, pcsc_enter and pcsc_return, given the function's index by the
+  link's cookie (see uprobes.py);
 - otherwise: pcsc_enter_<i> (uprobe) and pcsc_return_<i> (uretprobe), one
-  pair per function, attached as one perf event each (uprobes.attach_perf).
+  pair per function, attached as one perf event each (uprobes.attach_perf),
+  in which the index is a constant (the compiler keeps that case only).
 
 A DATA record's `field` is the capture's index in Function.captures; a
 Word's slot is its index among the Words of its phase.
@@ -71,41 +73,51 @@ def _phase_code(fn: Function, phase, first_field: int, rec: str) -> list:
 
 
 def probes_source(functions: Sequence[Function]) -> str:
+    """capture_enter() and capture_return(): what each function captures,
+    one switch case per function (the common part of every call, in
+    bpf/pcsc_spy.bpf.c, is compiled once, not once per function)."""
     out = []
+    cases = {"enter": [], "return": []}
     for i, fn in enumerate(functions):
         if len(fn.args) > PCSC_MAX_ARGS:
             raise ValueError("%s: more than PCSC_MAX_ARGS arguments" % fn.name)
-        entry = _phase_code(fn, fn.entry, 0, "c")
-        exit_ = _phase_code(fn, fn.exit, len(fn.entry), "r")
-        out.append("/* %s */" % fn.name)
-        out.append("static __always_inline int enter_%d(struct pt_regs *ctx)\n{" % i)
-        out.append("\tstruct pcsc_call *c = call_begin(ctx, %d, %d);\n" % (i, len(fn.args)))
-        out.append("\tif (!c)\n\t\treturn 0;")
-        out.extend("\t" + line for line in entry)
-        out.append("\tcall_submit(ctx, c);\n\treturn 0;\n}\n")
-        out.append("static __always_inline int return_%d(struct pt_regs *ctx)\n{" % i)
-        out.append("\tstruct pcsc_call *e = NULL;")
-        out.append("\tstruct pcsc_call *r = call_end(ctx, &e);\n")
-        out.append("\tif (!r || !e)\n\t\treturn 0;")
-        out.extend("\t" + line for line in exit_)
-        out.append("\tcall_finish(ctx, r, e);\n\treturn 0;\n}\n")
+        for phase, lines in (("enter", _phase_code(fn, fn.entry, 0, "c")),
+                             ("return", _phase_code(fn, fn.exit, len(fn.entry), "r"))):
+            if lines:
+                cases[phase].append("\tcase %d: /* %s */" % (i, fn.name))
+                cases[phase].extend("\t\t" + line for line in lines)
+                cases[phase].append("\t\tbreak;")
+    out.append("static __always_inline void capture_enter(struct pt_regs *ctx, "
+               "struct pcsc_call *c, u32 func)\n{\n\tswitch (func) {")
+    out.extend(cases["enter"])
+    out.append("\t}\n}\n")
+    out.append("static __always_inline void capture_return(struct pt_regs *ctx, "
+               "struct pcsc_call *r, struct pcsc_call *e, u32 func)\n{\n\tswitch (func) {")
+    out.extend(cases["return"])
+    out.append("\t}\n}\n")
     out.append("#ifdef PCSC_UPROBE_MULTI")
-    for program, phase in ((ENTER_PROGRAM, "enter"), (RETURN_PROGRAM, "return")):
-        out.append("int %s(struct pt_regs *ctx)\n{" % program)
-        out.append("\tswitch (bpf_get_attach_cookie(ctx)) {")
-        out.extend("\tcase %d: return %s_%d(ctx);" % (i, phase, i) for i in range(len(functions)))
-        out.append("\t}\n\treturn 0;\n}\n")
+    for program, phase in ((ENTER_PROGRAM, "on_enter"), (RETURN_PROGRAM, "on_return")):
+        out.append("int %s(struct pt_regs *ctx) { return %s(ctx, bpf_get_attach_cookie(ctx)); }"
+                   % (program, phase))
     out.append("#else")
     for i in range(len(functions)):
-        out.append("int %s(struct pt_regs *ctx) { return enter_%d(ctx); }" % (enter_probe(i), i))
-        out.append("int %s(struct pt_regs *ctx) { return return_%d(ctx); }" % (return_probe(i), i))
+        out.append("int %s(struct pt_regs *ctx) { return on_enter(ctx, %d); }" % (enter_probe(i), i))
+        out.append("int %s(struct pt_regs *ctx) { return on_return(ctx, %d); }" % (return_probe(i), i))
     out.append("#endif")
     return "\n".join(out)
 
 
+def table_defines(functions: Sequence[Function]) -> str:
+    """What the common machinery knows of the table, as macros."""
+    return ("/* The functions whose 7th argument is on the stack (a bit per index). */\n"
+            "#define PCSC_SEVEN_ARGS 0x%xULL\n"
+            % sum(1 << i for i, fn in enumerate(functions) if len(fn.args) > 6))
+
+
 def program_source(functions: Sequence[Function]) -> str:
     """The whole BPF program: the common machinery, then the probes."""
-    return BPF_MAIN.read_text() + "\n" + probes_source(functions)
+    return (table_defines(functions) + BPF_MAIN.read_text() + "\n"
+            + probes_source(functions))
 
 
 LOADER_PROBE = "pcsc_loaded"
