@@ -124,7 +124,6 @@ static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
 	h->tid = (u32)id;
 	h->kind = kind;
 	h->func = func;
-	bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
 /* Entry of an SCard* function.  Returns the in-flight record to fill, or
@@ -148,7 +147,13 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 fun
 		c->depth++;
 		return NULL;
 	}
-	__builtin_memset(c, 0, sizeof(*c));
+	/* The thread's name stays in its record from call to call (reading it
+	 * cost as much as a record): read at the thread's first call, and at
+	 * the first after an exec (sched_process_exec clears it).  A thread
+	 * renamed later (PR_SET_NAME) keeps the name it had. */
+	if (!c->head.comm[0])
+		bpf_get_current_comm(&c->head.comm, sizeof(c->head.comm));
+	__builtin_memset(&c->rv, 0, sizeof(*c) - offsetof(struct pcsc_call, rv));
 	fill_head(&c->head, PCSC_REC_ENTER, func);
 	c->args[0] = PT_REGS_PARM1(ctx);
 	c->args[1] = PT_REGS_PARM2(ctx);
@@ -394,12 +399,19 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 		traced_pids.delete(&tid);
 #endif
 	c = inflight_get(0);
-	if (!c || !c->head.call_ts)
+	if (!c)
 		return 0;
-	c->head.kind = PCSC_REC_ABORT;
-	c->head.ts = bpf_ktime_get_ns();
-	emit(ctx, c, sizeof(*c));
-	c->head.call_ts = 0;
+	if (c->head.call_ts) {
+		c->head.kind = PCSC_REC_ABORT;
+		c->head.ts = bpf_ktime_get_ns();
+		emit(ctx, c, sizeof(*c));
+		c->head.call_ts = 0;
+	}
+#ifdef PCSC_INFLIGHT_HASH
+	/* Its thread id may be given to a new thread, which starts afresh
+	 * (task storage goes away with its thread by itself). */
+	inflight.delete(&tid);
+#endif
 	return 0;
 }
 
@@ -460,6 +472,7 @@ static __always_inline void notify(void *ctx, u16 kind)
 		return;
 #endif
 	fill_head(&h, kind, 0);
+	bpf_get_current_comm(&h.comm, sizeof(h.comm));
 	emit_load(ctx, &h, sizeof(h));
 }
 
@@ -468,10 +481,17 @@ int pcsc_loaded(struct pt_regs *ctx)
 	notify(ctx, PCSC_REC_LOADED);
 	return 0;
 }
+#endif
 
+/* A program start: the thread's name is read again at its next call. */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
+	struct pcsc_call *c = inflight_get(0);
+
+	if (c)
+		c->head.comm[0] = 0;
+#ifdef PCSC_DISCOVER
 	notify(ctx, PCSC_REC_EXEC);
+#endif
 	return 0;
 }
-#endif

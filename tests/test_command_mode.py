@@ -12,6 +12,7 @@ land in the same file as the trace.  They are told apart here by their form
 (no trace line contains " rv="), anywhere in the text: a client line may be
 written in the middle of a trace line the tracer flushed in two pieces.
 """
+import json
 import os
 import re
 import signal
@@ -219,3 +220,32 @@ def test_command_that_cannot_run(stack, argv, why):
     """One line on stderr, exit 2, like any bad input (tests/test_cli_errors.py)."""
     res = spy(stack, "-n", "--", *argv)
     check_one_line_error(res, re.escape(argv[0]), why, r"check the command after --")
+
+
+# Calls SCardEstablishContext and SCardReleaseContext, then becomes the C
+# client (exec: the same process, the same thread).
+CALL_THEN_EXEC = r"""
+import ctypes, os, sys
+lib = ctypes.CDLL("libpcsclite.so.1")
+ctx = ctypes.c_ulong()
+assert lib.SCardEstablishContext(2, None, None, ctypes.byref(ctx)) == 0
+assert lib.SCardReleaseContext(ctx) == 0
+os.execv(sys.argv[1], [sys.argv[1], "isvalid", "3"])
+"""
+
+
+def test_a_thread_is_named_anew_after_exec(stack, client_bin):
+    """The kernel side keeps a thread's name from call to call (reading it
+    at every call cost as much as a record), and reads it again after the
+    thread starts another program."""
+    res = spy(stack, "--json", "--", "/usr/bin/python3", "-c", CALL_THEN_EXEC, client_bin)
+    assert res.returncode == 0, res.stderr
+    calls = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    calls = [c for c in calls if c.get("type") == "call"]
+    named = [(c["function"], c["comm"]) for c in calls]
+    assert named[:2] == [("SCardEstablishContext", "python3"),
+                         ("SCardReleaseContext", "python3")], named
+    after = named[2:]
+    assert ("SCardIsValidContext", "pcsc_client") in after, named
+    assert {comm for _, comm in after} == {"pcsc_client"}, named
+    assert len({c["tid"] for c in calls}) == 1
