@@ -439,10 +439,10 @@ class TextSink:
     # -- Assembler sink (after Stats has seen the call) --
     def enter(self, call: Call) -> None:
         th = self._thread(call)
-        self._print(th.indent + self._paint(COLOR_BLUE, call.name))
         gen = call.fn.render(call, th.format)
         self._running[id(call)] = (gen, th)
-        self._run(gen, th, call, until_return=True)
+        self._run(gen, th, call, until_return=True,
+                  lines=[th.indent + self._paint(COLOR_BLUE, call.name)])
 
     def leave(self, call: Call) -> None:
         gen, th = self._running.pop(id(call))
@@ -452,36 +452,47 @@ class TextSink:
         self._running.pop(id(call), None)
 
     # -- lines --
-    def _run(self, gen, th, call, until_return: bool) -> None:
+    def _run(self, gen, th, call, until_return: bool, lines=None) -> None:
+        """Print the call's lines up to AT_RETURN (entry) or from there
+        (return), in one write: the reader's time per line counts, it
+        competes for the CPUs with what it traces."""
+        lines = [] if lines is None else lines
+        add = lines.append
+        indent = th.indent
         returned = call
         for item in gen:
             if item is AT_RETURN:
                 if until_return:
-                    return
+                    break
                 continue
             if item is RESULT:
-                self._result(th, call)
+                add(self._result(th, call))
                 call = None  # printed
                 continue
             direction, text = item
             if direction == RAW:
-                self._print(text)
-            else:
+                add(text)
+            elif self.color:
                 color = COLOR_GREEN if direction == IN else COLOR_MAGENTA
-                self._print(th.indent + self._paint(color, " %s %s" % (direction, text)))
-        if not until_return and call is not None:
-            self._result(th, call)
-        if not until_return and self.annotator is not None:
-            self._notes(th, returned)
+                add(indent + self._paint(color, " %s %s" % (direction, text)))
+            else:
+                add("%s %s %s" % (indent, direction, text))
+        else:
+            if not until_return and call is not None:
+                add(self._result(th, call))
+            if not until_return and self.annotator is not None:
+                lines.extend(self._notes(th, returned))
+        if lines:
+            self.out.write("\n".join(lines) + "\n")
 
-    def _notes(self, th, call: Call) -> None:
+    def _notes(self, th, call: Call) -> List[str]:
         """--apdu: the call's APDUs and ATRs decoded, after its result line
         (and after pcsc-spy's own parsing lines), each line " # "."""
-        for note in self.annotator.notes(call):
-            for line in [note.head] + ["  " + d for d in note.details]:
-                self._print(th.indent + self._paint(COLOR_CYAN, " # " + line))
+        return [th.indent + self._paint(COLOR_CYAN, " # " + line)
+                for note in self.annotator.notes(call)
+                for line in [note.head] + ["  " + d for d in note.details]]
 
-    def _result(self, th, call: Call) -> None:
+    def _result(self, th, call: Call) -> str:
         rv = call.rv
         if self.result_dialect == "2.2":
             data = " => %s [%s] " % (K.rv_name(rv), K.rv_hex(rv))
@@ -490,7 +501,7 @@ class TextSink:
         time = " [??.??]" if self.diffable else " [%s]" % elapsed(call.duration_ns)
         if rv != K.SCARD_S_SUCCESS:
             data = self._paint(COLOR_RED, data)
-        self._print(th.indent + data + time)
+        return th.indent + data + time
 
     def _paint(self, color: str, text: str) -> str:
         return color + text + COLOR_NORMAL if self.color else text
