@@ -11,6 +11,7 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 from . import codegen, uprobes
+from .bcc_compile import compile_bpf
 from . import layout as L
 from .errors import SpyError
 from .functions import Function
@@ -153,7 +154,7 @@ class Capture:
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:
             try:
-                bpf = BPF(text=source.encode(), cflags=cflags)
+                bpf = compile_bpf(lambda: BPF(text=source.encode(), cflags=cflags))
             except Exception:  # bcc raises a bare Exception
                 bpf = None
         if bpf is None:
