@@ -183,9 +183,9 @@ class Capture:
         self._on_lost = on_lost
         if self.ring:
             # Read by us from the mapped memory (ringbuf.py), not through bcc.
-            self._rings = {"events": RingBuffer(bpf["events"].map_fd, ring_pages[0] * 4096)}
+            self._rings = {"events": RingBuffer(bpf["events"].map_fd)}
             if self.discover:
-                self._rings["loads"] = RingBuffer(bpf["loads"].map_fd, ring_pages[1] * 4096)
+                self._rings["loads"] = RingBuffer(bpf["loads"].map_fd)
             # Edge-triggered: a ring buffer polls readable whenever it holds a
             # record, so a level-triggered reader would come back for each
             # few records of a slow stream (a batch's overhead each time,

@@ -26,11 +26,21 @@ _POSITION = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
 
 
-class RingBuffer:
-    """The ring buffer map map_fd, of data_size bytes (a power of 2)."""
+def map_size(map_fd: int) -> int:
+    """A map's max_entries: for a ring buffer, its data size in bytes."""
+    with open("/proc/self/fdinfo/%d" % map_fd) as f:
+        for line in f:
+            if line.startswith("max_entries:"):
+                return int(line.split()[1])
+    raise OSError("no max_entries in the fdinfo of map fd %d" % map_fd)
 
-    def __init__(self, map_fd: int, data_size: int):
+
+class RingBuffer:
+    """The ring buffer map map_fd."""
+
+    def __init__(self, map_fd: int):
         page = mmap.PAGESIZE
+        data_size = map_size(map_fd)
         self.fd = map_fd
         self._mask = data_size - 1
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,

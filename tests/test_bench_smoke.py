@@ -26,6 +26,7 @@ ROWS = [
     "  events lost",
     "  start to Tracing, s",
     "  peak RSS, MiB",
+    "  its own memory, MiB",
     "  CPU time per 1,000 calls, ms",
 ]
 
