@@ -1,5 +1,5 @@
 /* The kernel/user boundary of pcsc-ebpf-spy: every record the BPF program
- * sends through the perf buffer (or the BPF ring buffer), and the counters
+ * sends through the BPF ring buffer (or the perf buffer), and the counters
  * it keeps.  ebpf_pcsc/layout.py mirrors this file (and
  * tests/test_layout.py fails when the two drift).
  *
@@ -39,7 +39,7 @@ enum pcsc_record_kind {
 
 /* Counters the kernel side keeps, per CPU, in the `counts` array. */
 enum pcsc_count {
-	PCSC_COUNT_SINCE_WAKEUP = 0,  /* ring buffer: records since user space was woken */
+	PCSC_COUNT_SINCE_WAKEUP = 0,  /* ring buffer: bytes since user space was woken */
 	PCSC_COUNT_LOST = 1,          /* call records that did not fit */
 	PCSC_COUNT_LOADS_LOST = 2,    /* library-load records that did not fit */
 	PCSC_COUNTS = 3,

@@ -12,9 +12,11 @@
 
 /* bcc 0.26 looks up bpf_probe_read_user in /proc/kallsyms when the source
  * calls it by that name (to fall back to bpf_probe_read on kernels before
- * 5.5): reading and hashing the whole symbol table took ~0.3 s of every
- * start.  Every kernel we run on has the helper (uprobe_multi or task
- * storage or not, it is older than both): we call it under our own name. */
+ * 5.5): reading and hashing the whole symbol table takes ~0.25 s, and it
+ * does so once more for bpf_probe_read_kernel whatever the source says.
+ * ebpf_pcsc/bcc_compile.py makes both cheap where it can; where it cannot,
+ * this spares the first.  Every kernel we run on has the helper: we call it
+ * under our own name. */
 static long (*read_user)(void *dst, u32 size, const void *unsafe_ptr) =
 	(void *)BPF_FUNC_probe_read_user;
 static long (*read_user_str)(void *dst, u32 size, const void *unsafe_ptr) =
@@ -31,12 +33,12 @@ static __always_inline void count(u32 which)
 		++*n;
 }
 
-/* The records' way to user space: the perf buffer (one ring per CPU), or,
- * with PCSC_RINGBUF (Linux >= 5.8), one BPF ring buffer shared by the CPUs,
- * which costs the traced thread less per record.  Either way user space is
- * woken once per PCSC_WAKEUP_EVENTS records, not for each: every wakeup is
- * an interrupt the traced thread pays for; the rest is read when its poll
- * times out. */
+/* The records' way to user space: with PCSC_RINGBUF (Linux >= 5.8), one
+ * BPF ring buffer shared by the CPUs, which costs the traced thread less per
+ * record; else the perf buffer (one ring per CPU).  Either way user space is
+ * woken once per batch, not for each record (every wakeup is an interrupt
+ * the traced thread pays for): here once per PCSC_WAKEUP_BYTES written by a
+ * CPU; the rest is read when the tracer's poll times out. */
 #ifdef PCSC_RINGBUF
 BPF_RINGBUF_OUTPUT(events, PCSC_RINGBUF_PAGES);
 
@@ -46,7 +48,7 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
 	u64 *n = counts.lookup(&since);
 	u64 flags = BPF_RB_NO_WAKEUP;
 
-	if (n && ++*n >= PCSC_WAKEUP_EVENTS) {
+	if (n && (*n += size) >= PCSC_WAKEUP_BYTES) {
 		*n = 0;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}
@@ -110,7 +112,7 @@ BPF_PERCPU_ARRAY(scratch_data, struct pcsc_data, 1);
 
 #ifdef PCSC_FILTER_PIDS
 /* Only these processes (tgids) are traced: filtering here, not in user
- * space, keeps other applications' calls out of the perf buffer. */
+ * space, keeps other applications' calls out of the buffer. */
 BPF_HASH(traced_pids, u32, u8, 4096);
 #endif
 
@@ -486,10 +488,19 @@ int pcsc_loaded(struct pt_regs *ctx)
 /* A program start: the thread's name is read again at its next call. */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
+#ifdef PCSC_INFLIGHT_HASH
+	/* The record goes, under the id the thread had: a thread other than the
+	 * main one that execs takes the process's id (args[1] is the old one),
+	 * and the next call makes a new record. */
+	u32 old_tid = ctx->args[1];
+
+	inflight.delete(&old_tid);
+#else
 	struct pcsc_call *c = inflight_get(0);
 
 	if (c)
 		c->head.comm[0] = 0;
+#endif
 #ifdef PCSC_DISCOVER
 	notify(ctx, PCSC_REC_EXEC);
 #endif

@@ -66,8 +66,9 @@ def _small_kallsyms() -> None:
 
     check(libc.unshare(CLONE_NEWNS))
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-    # A file on a mount of this namespace (a memfd cannot be bind-mounted),
-    # removed at once: the bind mount keeps it.
+    # A file on a mount of this namespace, removed at once (the bind mount
+    # keeps it).  Neither a memfd (its mount is the kernel's) nor an
+    # O_TMPFILE file (it has no name left to mount) can be bind-mounted.
     fd, path = tempfile.mkstemp(prefix="pcsc-ebpf-spy-kallsyms-")
     try:
         lines = "".join("ffffffff%08x T %s\n" % (0x81000000 + i, name)

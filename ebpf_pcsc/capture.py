@@ -1,9 +1,10 @@
-"""Capture: compile the BPF program, attach the probes, read the perf buffer.
+"""Capture: compile the BPF program, attach the probes, read the buffers.
 
 bcc is imported here, lazily (importing it costs ~0.3 s): importing this
 module does no work.
 """
 import ctypes
+import mmap
 import os
 import re
 import select
@@ -15,6 +16,7 @@ from .bcc_compile import compile_bpf
 from . import layout as L
 from .errors import SpyError
 from .functions import Function
+from . import ringbuf
 from .ringbuf import RingBuffer
 from .targets import Library, function_addresses
 
@@ -33,14 +35,27 @@ def default_perf_pages() -> int:
         pages *= 2
     return pages
 
-# Wake the reader once per this many records per CPU, not for each: every
-# wakeup is an interrupt the traced thread pays for, raised by the record that
-# reaches the mark -- a self-IPI, which a virtual machine turns into an exit
-# (perf showed ~10 us each; ~20 us per call with a wakeup per record, ~0.3 us
-# with one per 64).  What is left below the mark is read when the poll times
-# out (poll(): at most 100 ms later), so the mark only bounds how long a
-# burst waits for the reader: 1,024 records are ~170 KiB.
-WAKEUP_EVENTS = 1024
+# Wake the reader once per this many bytes of records, not for each record:
+# every wakeup is an interrupt the traced thread pays for, raised by the
+# record that reaches the mark -- a self-IPI, which a virtual machine turns
+# into an exit (perf showed ~10 us each; ~20 us per call with a wakeup per
+# record, ~0.3 us with one per 64 records).  What is left below the mark is
+# read when the tracer's poll times out (session.POLL_MS, 100 ms).  The mark
+# stays under a quarter of the buffer, so that a burst of large records
+# (16 KiB chunks of extended APDUs) cannot fill it unheard.
+WAKEUP_BYTES = 256 << 10
+
+
+def wakeup_bytes(buffer_bytes: int) -> int:
+    return max(1, min(WAKEUP_BYTES, buffer_bytes // 4))
+
+
+def perf_wakeup_events(buffer_bytes: int) -> int:
+    """A perf buffer counts records, not bytes: as many of the common ones
+    (ENTER, RETURN) as WAKEUP_BYTES holds, but no more of the largest (a full
+    DATA chunk) than a quarter of the buffer holds."""
+    return max(1, min(WAKEUP_BYTES // ctypes.sizeof(L.CallRecord),
+                      buffer_bytes // 4 // (L.DATA_OFFSET + L.PCSC_CHUNK)))
 
 # Library loads travel apart from the calls, and wake the reader at once
 # (the default: one wakeup per record): a process that just loaded a new
@@ -96,7 +111,7 @@ def choose_transport(transport: str) -> str:
     which is why libbpf-tools make the same choice."""
     if transport != "auto":
         return transport
-    return "ring" if uprobes.ring_buffer_supported() else "perf"
+    return "ring" if ringbuf.ORDERED_LOADS and uprobes.ring_buffer_supported() else "perf"
 
 
 class Capture:
@@ -115,6 +130,9 @@ class Capture:
         self.perf_pages = perf_pages or default_perf_pages()
         self.transport = choose_transport(transport)
         self.ring = self.transport == "ring"
+        if self.ring and not ringbuf.ORDERED_LOADS:
+            raise SpyError("--buffer ring is read on x86-64 only",
+                           "use --buffer perf (or auto)")
         self.lost = 0
         self.attached: List[List[Library]] = []   # per probed file: who maps it
         self.probe_count = 0
@@ -147,7 +165,7 @@ class Capture:
         ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
         cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
                                 ring_pages=ring_pages if self.ring else None,
-                                wakeup_events=WAKEUP_EVENTS,
+                                wakeup_bytes=wakeup_bytes(ring_pages[0] * mmap.PAGESIZE),
                                 inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
                                 or kernel_release() < (6, 2))
         # bcc and clang print on our stdout and stderr (stdout carries the
@@ -182,29 +200,37 @@ class Capture:
         # has somewhere to go.
         self._on_lost = on_lost
         if self.ring:
-            # Read by us from the mapped memory (ringbuf.py), not through bcc.
-            self._rings = {"events": RingBuffer(bpf["events"].map_fd)}
-            if self.discover:
-                self._rings["loads"] = RingBuffer(bpf["loads"].map_fd)
-            # Edge-triggered: a ring buffer polls readable whenever it holds a
-            # record, so a level-triggered reader would come back for each
-            # few records of a slow stream (a batch's overhead each time,
-            # while the traced threads want the CPUs).  Woken by the kernel
-            # only (once per WAKEUP_EVENTS records), or by the poll's timeout.
-            self._epoll = select.epoll()
-            for ring in self._rings.values():
-                self._epoll.register(ring.fd, select.EPOLLIN | select.EPOLLET)
+            try:
+                self._open_rings(bpf)
+            except OSError as e:
+                raise SpyError("cannot map the BPF ring buffer (%s)" % (e.strerror or e),
+                               "use --buffer perf")
         else:
             # Lost records are counted on the kernel side (both ways), and
             # reported by poll().
             bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
                                            lost_cb=lambda count: None,
-                                           wakeup_events=WAKEUP_EVENTS)
+                                           wakeup_events=perf_wakeup_events(
+                                               self.perf_pages * mmap.PAGESIZE))
             if self.discover:
                 bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
                                               lost_cb=lambda count: None)
         for lib in self.libraries:
             self.attach_library(lib, strict=True)
+
+    def _open_rings(self, bpf) -> None:
+        # Read by us from the mapped memory (ringbuf.py), not through bcc.
+        self._rings = {"events": RingBuffer(bpf["events"].map_fd)}
+        if self.discover:
+            self._rings["loads"] = RingBuffer(bpf["loads"].map_fd)
+        # Edge-triggered: a ring buffer polls readable whenever it holds a
+        # record, so a level-triggered reader would come back for each few
+        # records of a slow stream (a batch's overhead each time, while the
+        # traced threads want the CPUs).  Woken by the kernel only (once per
+        # WAKEUP_BYTES of records), or by the poll's timeout.
+        self._epoll = select.epoll()
+        for ring in self._rings.values():
+            self._epoll.register(ring.fd, select.EPOLLIN | select.EPOLLET)
 
     @staticmethod
     def _ring_pages(per_cpu: int) -> int:

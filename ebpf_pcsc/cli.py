@@ -49,8 +49,9 @@ def _summary_format(ctx, param, value):
               help="pcsc-tools' smartcard_list.txt naming the ATRs with --apdu "
                    "[default: /usr/share/pcsc/smartcard_list.txt].")
 @click.option("--perf-pages", type=int, metavar="N",
-              help="Perf buffer size per CPU in 4 KiB pages, a power of two "
-                   "(default: 64 MiB shared by the CPUs, at most 8192 each).")
+              help="Perf buffer size per CPU in 4 KiB pages, a power of two; the ring "
+                   "buffer gets as many in all (default: 64 MiB shared by the CPUs, at "
+                   "most 8192 pages each).")
 @click.option("--buffer", "transport", type=click.Choice(["auto", "perf", "ring"]),
               default="auto", show_default=True,
               help="How records reach the tracer: a BPF ring buffer (Linux >= 5.8; costs "

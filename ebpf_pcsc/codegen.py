@@ -124,13 +124,14 @@ LOADER_PROBE = "pcsc_loaded"
 
 
 def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
-           ring_pages: Optional[Tuple[int, int]] = None, wakeup_events: int = 1,
+           ring_pages: Optional[Tuple[int, int]] = None, wakeup_bytes: int = 0,
            inflight_hash: bool = False) -> list:
     """The program's build options.  ring_pages: the BPF ring buffers' sizes
     (calls, library loads; pages, powers of 2) when the records go through
-    ring buffers, else perf buffers; wakeup_events: records per wakeup of
-    user space (ring buffer; a perf buffer is told when it is opened)."""
-    flags = ["-I%s" % BPF_DIR, "-DPCSC_WAKEUP_EVENTS=%d" % wakeup_events]
+    ring buffers, else perf buffers; wakeup_bytes: bytes of records per
+    wakeup of user space (ring buffer; a perf buffer is told when it is
+    opened)."""
+    flags = ["-I%s" % BPF_DIR, "-DPCSC_WAKEUP_BYTES=%d" % wakeup_bytes]
     if multi:
         flags.append("-DPCSC_UPROBE_MULTI")
     if ring_pages:

@@ -13,10 +13,17 @@ position; then the data pages, mapped twice in a row, so that a record which
 wraps around the end is contiguous.  Each record: a u32 length carrying
 BPF_RINGBUF_BUSY_BIT (reserved, not yet committed) and
 BPF_RINGBUF_DISCARD_BIT, a u32 page offset, the data, padded to 8 bytes.
+
+The kernel publishes a record by clearing its busy bit after writing it, and
+the producer position with a release store; a reader needs acquire loads
+to see them in that order.  Python has none: this relies on x86-64, whose
+loads are not reordered with other loads (ORDERED_LOADS); elsewhere the
+tracer keeps to the perf buffer.
 """
 import mmap
+import platform
 import struct
-from typing import List
+from typing import List, Tuple
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -24,6 +31,26 @@ HEADER_SIZE = 8
 
 _POSITION = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
+
+ORDERED_LOADS = platform.machine() == "x86_64"
+
+
+def parse(data, mask: int, consumer: int, producer: int) -> Tuple[List[bytes], int]:
+    """The committed records between the consumer and producer positions of
+    a ring whose data area (mask + 1 bytes) data maps twice in a row; and
+    the new consumer position."""
+    records = []
+    while consumer < producer:
+        at = consumer & mask
+        length, = _LENGTH.unpack_from(data, at)
+        if length & BUSY_BIT:       # reserved, not committed: later records wait too
+            break
+        size = length & ~(BUSY_BIT | DISCARD_BIT)
+        if not length & DISCARD_BIT:
+            start = at + HEADER_SIZE
+            records.append(bytes(data[start:start + size]))
+        consumer += (size + HEADER_SIZE + 7) & ~7
+    return records, consumer
 
 
 def map_size(map_fd: int) -> int:
@@ -54,18 +81,7 @@ class RingBuffer:
         space is handed back to the kernel before this returns)."""
         consumer, = _POSITION.unpack_from(self._consumer)
         producer, = _POSITION.unpack_from(self._producer)
-        records = []
-        data, mask = self._data, self._mask
-        while consumer < producer:
-            at = consumer & mask
-            length, = _LENGTH.unpack_from(data, at)
-            if length & BUSY_BIT:       # reserved, not committed: later records wait too
-                break
-            size = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT:
-                start = at + HEADER_SIZE
-                records.append(bytes(data[start:start + size]))
-            consumer += (size + HEADER_SIZE + 7) & ~7
+        records, consumer = parse(self._data, self._mask, consumer, producer)
         _POSITION.pack_into(self._consumer, 0, consumer)
         return records
 

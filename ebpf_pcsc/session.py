@@ -47,6 +47,11 @@ class Options:
     smartcard_list: Optional[str] = None   # --smartcard-list (None: pcsc-tools' list)
 
 
+# The longest the tracer sleeps: how late a call that wakes no one (the
+# kernel side wakes the tracer once per batch of records) may show, and how
+# often -p looks whether its processes have ended, and Ctrl-C is seen.
+POLL_MS = 100
+
 def warn(message: str) -> None:
     sys.stderr.write("pcsc-ebpf-spy: %s\n" % message)
     sys.stderr.flush()
@@ -302,7 +307,7 @@ def trace(opts: Options, out) -> int:
                 stop.event.clear()
             # Flush after each batch, not each line: a blocked call's first
             # lines show at once, and a burst still costs one write.
-            if _drain(capture, assembler, finder, 100):
+            if _drain(capture, assembler, finder, POLL_MS):
                 out.flush()
         # Events submitted before the end may still be in the buffers.
         while _drain(capture, assembler, finder, 0):

@@ -110,7 +110,6 @@ def supported() -> bool:
         threading.Thread(target=close_all, args=(fds,), daemon=True).start()
 
 
-
 def ring_buffer_supported() -> bool:
     """Whether this kernel has BPF ring buffers (Linux >= 5.8, and kernels
     that backported them): a one-page ring is made, then closed."""

@@ -19,9 +19,9 @@ filtered on the client's pid), runs tests/clients/pcsc_client.c and writes:
 <name> is the scenario and its arguments joined by "_" (threads_2_3).
 
 The .records format: a sequence of records, each a 4-byte little-endian
-length followed by that many bytes, exactly as the perf buffer delivered
-them (a struct pcsc_call or pcsc_data of bpf/pcsc_event.h, possibly followed
-by perf's alignment padding).  Nothing else: no header.  Handles, pointers,
+length followed by that many bytes, exactly as the buffer delivered them
+(a struct pcsc_call or pcsc_data of bpf/pcsc_event.h, possibly followed by
+perf's alignment padding: the files were recorded through the perf buffer).  Nothing else: no header.  Handles, pointers,
 pids, tids and timestamps differ from run to run; everything the client
 passes or receives is the same on every run (tests/clients/README.md).
 

@@ -31,7 +31,6 @@ ROWS = [
 ]
 
 TARGETS = ["isvalid: pcsc-ebpf-spy / floor", "isvalid: pcsc-ebpf-spy / pcsc-spy",
-           "isvalid: --buffer perf / floor",
            "SCardTransmit: traced / untraced", "burst: calls lost", "start to Tracing (s)"]
 
 

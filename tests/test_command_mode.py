@@ -234,11 +234,15 @@ os.execv(sys.argv[1], [sys.argv[1], "isvalid", "3"])
 """
 
 
-def test_a_thread_is_named_anew_after_exec(stack, client_bin):
+@pytest.mark.parametrize("inflight", ["task-storage", "hash"])
+def test_a_thread_is_named_anew_after_exec(stack, client_bin, inflight):
     """The kernel side keeps a thread's name from call to call (reading it
     at every call cost as much as a record), and reads it again after the
-    thread starts another program."""
-    res = spy(stack, "--json", "--", "/usr/bin/python3", "-c", CALL_THEN_EXEC, client_bin)
+    thread starts another program -- with the calls in flight in task
+    storage, or in the hash map of kernels before 6.2."""
+    env = dict(stack.env, PCSC_EBPF_SPY_INFLIGHT="hash") if inflight == "hash" else None
+    res = spy(stack, "--json", "--", "/usr/bin/python3", "-c", CALL_THEN_EXEC, client_bin,
+              env=env)
     assert res.returncode == 0, res.stderr
     calls = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     calls = [c for c in calls if c.get("type") == "call"]

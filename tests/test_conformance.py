@@ -105,7 +105,7 @@ class Ours:
             app.release(self.stdin if n == 0 else "")
         if self.frozen:
             self.tracer.proc.send_signal(signal.SIGCONT)
-        # Every event is in the perf buffer when the application has exited;
+        # Every event is in the buffer when the application has exited;
         # the tracer drains it after the signal, then prints the summary.
         time.sleep(0.2)
         self.tracer.proc.send_signal(signal.SIGINT)
@@ -167,10 +167,13 @@ def runs(session_stack, client_bin):
         App.waiting(stack, [client_bin, "nullrecvpci"]),
         App.waiting(stack, [client_bin, "blocked"])])
     # §9: the tracer stopped (SIGSTOP) while the ctypes client sends 80
-    # extended APDUs (about 10 MB of events, more than a 1 MiB perf buffer
-    # per CPU holds): the application does not wait, events are lost, and
-    # counted.
-    result.ours["lost"] = Ours(("-n", "-d", "--perf-pages", "256"), [App.waiting(
+    # extended APDUs (about 10 MB of events, more than a 1 MiB ring buffer
+    # holds): the application does not wait, events are lost, and counted.
+    # The ring buffer gets --perf-pages (a power of 2) times the CPU count,
+    # rounded up to a power of 2: 1 MiB in all.
+    pages = 1 << max(0, 8 - ((os.cpu_count() or 1) - 1).bit_length())
+    small = ("--buffer", "ring", "--perf-pages", str(pages))
+    result.ours["lost"] = Ours(("-n", "-d") + small, [App.waiting(
         stack, [PYTHON, CTYPES_CLIENT, "transmit", stack.reader_name])],
         stdin=(extended_echo(65000).hex() + "\n") * 80, frozen=True)
     try:
@@ -723,7 +726,7 @@ def test_several_processes(runs):
 
 
 def test_lost_events(runs):
-    """doc §9: when the perf buffer is full, events are dropped, never
+    """doc §9: when the buffer is full, events are dropped, never
     waited for: the application ran at full speed while the tracer was
     stopped; stderr says so as it happens, and the summary ends with
     `Lost events: N (calls are missing above)`.  Without loss, no such line."""

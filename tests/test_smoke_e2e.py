@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from ebpf_pcsc.uprobes import BPF_MAP_TYPE_RINGBUF
 from tracetext import calls_of_client
 
 SPEC_18 = {
@@ -39,10 +40,9 @@ def probe_handles(pid):
             sum(k == "anon_inode:[perf_event]" for k in kinds))
 
 
-# enum bpf_map_type (uapi/linux/bpf.h)
+# enum bpf_map_type (uapi/linux/bpf.h); BPF_MAP_TYPE_RINGBUF (27) is the tracer's own
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_LRU_HASH = 9
-BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_TASK_STORAGE = 29
 
 

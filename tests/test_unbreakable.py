@@ -32,7 +32,7 @@ def test_eight_threads_of_400_transmits(stack, client_bin, tracer, tmp_path):
 
 @pytest.mark.parametrize("buffer", ["perf", "ring"])
 def test_lost_events_are_counted_and_reported(stack, client_bin, tracer, buffer):
-    """A one-page buffer (per CPU) cannot hold a burst: the loss is said on
+    """A buffer of one page per CPU cannot hold a burst: the loss is said on
     stderr and in the summary, and the application is unharmed."""
     env = dict(stack.env, PCSC_CLIENT_QUIET="1")
     proc = stack.popen_waiting([client_bin, "isvalid", "20000"], env=env)
