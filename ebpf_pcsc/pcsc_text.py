@@ -117,7 +117,7 @@ def _handle(c: Call, f: Format, name: str):
     return IN, f.masked(name + ": ", hexl(c.args[name]))
 
 
-LOST = b"\0lost"   # a buffer whose bytes were lost on the way (perf buffer full)
+LOST = b"\0lost"   # a buffer whose bytes were lost on the way (the buffer was full)
 
 
 def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Optional[bytes]:
