@@ -220,6 +220,20 @@ static __always_inline void read_word(struct pcsc_call *c, int slot, u64 addr, u
 		c->valid |= 1U << slot;
 }
 
+/* Two words side by side (a SCARD_IO_REQUEST): one read of user memory, not
+ * two (a read costs more than its bytes); one at a time if that fails. */
+static __always_inline void read_word_pair(struct pcsc_call *c, int slot, u64 addr, u64 off)
+{
+	if (!addr || slot + 1 >= PCSC_MAX_WORDS)
+		return;
+	if (read_user(&c->words[slot], 2 * sizeof(u64), (void *)(addr + off)) == 0) {
+		c->valid |= 3U << slot;
+		return;
+	}
+	read_word(c, slot, addr, off);
+	read_word(c, slot + 1, addr, off + 8);
+}
+
 /* The value of a word of this phase, 0 when it could not be read. */
 static __always_inline u64 word(struct pcsc_call *c, int slot)
 {

@@ -46,10 +46,24 @@ def _phase_code(fn: Function, phase, first_field: int, rec: str) -> list:
     def arg(name):
         return "%s->args[%d]" % (rec, fn.arg_index(name))
 
+    # Two Words side by side through one pointer (a SCARD_IO_REQUEST) are
+    # one read of user memory.
+    pair_first, pair_second = set(), set()
+    for a, b in zip(phase, phase[1:]):
+        if (isinstance(a, Word) and isinstance(b, Word) and a.name not in pair_second
+                and b.arg == a.arg and b.offset == a.offset + 8
+                and slot[b.name] == slot[a.name] + 1):
+            pair_first.add(a.name)
+            pair_second.add(b.name)
+
     lines = []
     for field, cap in enumerate(phase, first_field):
         if isinstance(cap, Word):
-            lines.append("read_word(%s, %d, %s, %d);" % (rec, slot[cap.name], arg(cap.arg), cap.offset))
+            if cap.name in pair_second:
+                continue
+            reader = "read_word_pair" if cap.name in pair_first else "read_word"
+            lines.append("%s(%s, %d, %s, %d);" % (reader, rec, slot[cap.name], arg(cap.arg),
+                                                  cap.offset))
         elif isinstance(cap, Text):
             lines.append("emit_str(ctx, &%s->head, %d, 0, %s);" % (rec, field, arg(cap.arg)))
         elif isinstance(cap, Bytes):
