@@ -353,6 +353,9 @@ BACKGROUND = r"""
 "$@" > "$DIR/trace" 2> "$DIR/err" &
 spy=$!
 sleep 1000 & probe=$!       # another background job, to show its signal dispositions
+# ... once it runs sleep: before the exec, the forked shell may not have set
+# them all yet (seen: SIGQUIT ignored, SIGINT not yet).
+until [ "$(cat /proc/$probe/comm 2>/dev/null)" = sleep ]; do sleep 0.01; done
 grep '^SigIgn:' /proc/$probe/status > "$DIR/sigign"
 kill $probe
 for i in $(seq 1200); do
