@@ -5,10 +5,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 
 import pytest
 
+from processes import wait_for
 from test_smoke_e2e import calls_of
 from tracetext import calls_of_client
 
@@ -163,3 +165,53 @@ def test_a_function_another_probe_holds_is_said_and_the_others_traced(stack, cli
     finally:
         os.close(fd)
         other.cleanup()
+
+
+# Loads and unloads libpcsclite N times (each time the loader reports the
+# change, before and after: ~4 records), then, on a line on stdin, calls it.
+LOAD_MANY = r"""
+import ctypes, sys, _ctypes
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(int(sys.argv[1])):
+    _ctypes.dlclose(ctypes.CDLL("libpcsclite.so.1")._handle)
+print("loaded", flush=True)
+sys.stdin.readline()
+lib = ctypes.CDLL("libpcsclite.so.1")
+ctx = ctypes.c_ulong()
+print(lib.SCardEstablishContext(2, None, None, ctypes.byref(ctx)), flush=True)
+lib.SCardReleaseContext(ctx)
+"""
+
+
+def test_lost_library_loads_are_said_and_every_process_looked_at_again(stack, tracer):
+    """The library-load reports have their own small buffer: a tracer that
+    cannot read it (stopped here) loses some, says so, looks at every traced
+    process again, and still traces the next calls."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", LOAD_MANY, "3000"], env=stack.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        t = tracer("-n", "-p", proc.pid)
+        t.proc.send_signal(signal.SIGSTOP)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "loaded\n"
+        finally:
+            t.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: "library loads were lost" in t.stderr_so_far,
+                 "the tracer to say it lost library loads", timeout=60)
+        proc.stdin.write("call\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "0\n"
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    res = t.stop()
+    assert ("pcsc-ebpf-spy: library loads were lost (the buffer was full): "
+            "looking at every process\n") in res.stderr
+    assert [name for name, _ in calls_of(res.stdout)] == ["SCardEstablishContext",
+                                                          "SCardReleaseContext"]
