@@ -365,8 +365,7 @@ static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_h
 
 		if (i >= n)
 			break;
-		read_user(&name, sizeof(name),
-				    (void *)(addr + i * PCSC_READERSTATE_SIZE));
+		read_user(&name, sizeof(name), (void *)(addr + i * PCSC_READERSTATE_SIZE));
 		emit_str(ctx, h, field, i + 1, name);
 	}
 }

@@ -11,12 +11,11 @@ import select
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from . import codegen, uprobes
-from .bcc_compile import compile_bpf
+from . import codegen, ringbuf, uprobes
 from . import layout as L
+from .bcc_compile import compile_bpf
 from .errors import SpyError
 from .functions import Function
-from . import ringbuf
 from .ringbuf import RingBuffer
 from .targets import Library, function_addresses
 
@@ -47,6 +46,7 @@ WAKEUP_BYTES = 256 << 10
 
 
 def wakeup_bytes(buffer_bytes: int) -> int:
+    """The ring buffer's mark, for a ring of buffer_bytes."""
     return max(1, min(WAKEUP_BYTES, buffer_bytes // 4))
 
 

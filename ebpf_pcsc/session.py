@@ -52,6 +52,7 @@ class Options:
 # often -p looks whether its processes have ended, and Ctrl-C is seen.
 POLL_MS = 100
 
+
 def warn(message: str) -> None:
     sys.stderr.write("pcsc-ebpf-spy: %s\n" % message)
     sys.stderr.flush()

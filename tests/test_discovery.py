@@ -1,7 +1,9 @@
 """Every libpcsclite image processes map: private copies, copies seen
 through another mount namespace, programs with SCard* linked in; each
 attached image is named on stderr."""
+import ctypes
 import json
+import mmap
 import os
 import re
 import shutil
@@ -10,6 +12,9 @@ import subprocess
 
 import pytest
 
+from ebpf_pcsc.capture import LOADS_PAGES, Capture
+from ebpf_pcsc.layout import Head
+from ebpf_pcsc.ringbuf import HEADER_SIZE as RINGBUF_HEADER_SIZE
 from processes import wait_for
 from test_smoke_e2e import calls_of
 from tracetext import calls_of_client
@@ -188,7 +193,11 @@ def test_lost_library_loads_are_said_and_every_process_looked_at_again(stack, tr
     """The library-load reports have their own small buffer: a tracer that
     cannot read it (stopped here) loses some, says so, looks at every traced
     process again, and still traces the next calls."""
-    proc = subprocess.Popen(["/usr/bin/python3", "-c", LOAD_MANY, "3000"], env=stack.env,
+    # As many load-unload cycles as the buffer holds records (a cycle makes
+    # ~4), whatever the CPU count it is sized by.
+    ring_bytes = Capture._ring_pages(LOADS_PAGES) * mmap.PAGESIZE
+    cycles = ring_bytes // (ctypes.sizeof(Head) + RINGBUF_HEADER_SIZE)
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", LOAD_MANY, str(cycles)], env=stack.env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
