@@ -7,7 +7,10 @@
  *   entry phase:  DATA records for the inputs, then one ENTER record;
  *   return phase: DATA records for the outputs, then one RETURN record.
  * The ENTER/RETURN record closes its phase, so user space knows a phase is
- * complete when it sees it.  A thread may migrate between entry and return:
+ * complete when it sees it.  It carries one buffer of the phase itself,
+ * the first one shorter than PCSC_INLINE (a short APDU and its response:
+ * each record costs the traced thread, and the tracer, more than its bytes);
+ * the other buffers, and longer ones, travel in DATA records.  A thread may migrate between entry and return:
  * user space matches the phases by (tid, call_ts), never by arrival order.
  *
  * Fixed-size fields first, variable-length data last.
@@ -23,6 +26,8 @@
  * 32 KiB per-CPU limit: buffers travel in chunks of this size. */
 #define PCSC_CHUNK 16384
 #define PCSC_MAX_CHUNKS 5         /* ceil(PCSC_MAX_BUFFER / PCSC_CHUNK) */
+#define PCSC_INLINE 512           /* a phase's record carries a buffer shorter than this */
+#define PCSC_NO_FIELD 0xFFFF      /* struct pcsc_buffer.field: no buffer */
 #define PCSC_MAX_STRING 512       /* one C string (reader names are <= 128) */
 #define PCSC_MAX_READERS 32       /* SCARD_READERSTATE entries captured */
 #define PCSC_READERSTATE_SIZE 80  /* sizeof(SCARD_READERSTATE) on LP64 */
@@ -62,8 +67,21 @@ struct pcsc_head {
 	char comm[PCSC_COMM_LEN];
 };
 
+/* Which bytes of which captured buffer a record carries (in its data[]). */
+struct pcsc_buffer {
+	__u32 total;              /* length of the whole buffer */
+	__u32 offset;             /* of these bytes in the buffer */
+	__u32 len;                /* bytes in data[] */
+	__u16 field;              /* index of the capture in the function's row */
+	__u16 index;              /* element (reader names of SCARD_READERSTATE) */
+	__u16 flags;              /* enum pcsc_data_flags */
+	__u16 pad[3];
+};
+
 /* ENTER and RETURN: the call's registers and the words read through its
- * pointer arguments.  Bit i of `valid` says words[i] was read. */
+ * pointer arguments (bit i of `valid` says words[i] was read), and the
+ * phase's first short buffer (buf.field is PCSC_NO_FIELD when there is
+ * none).  Sent up to data[buf.len]. */
 struct pcsc_call {
 	struct pcsc_head head;
 	__s64 rv;                 /* RETURN only */
@@ -71,17 +89,14 @@ struct pcsc_call {
 	__u32 depth;              /* nesting of SCard* calls on this thread */
 	__u64 args[PCSC_MAX_ARGS];
 	__u64 words[PCSC_MAX_WORDS];
+	struct pcsc_buffer buf;
+	__u8 data[PCSC_INLINE];
 };
 
+/* A buffer, or a chunk of one.  Sent up to data[buf.len]. */
 struct pcsc_data {
 	struct pcsc_head head;
-	__u32 total;              /* length of the whole buffer */
-	__u32 offset;             /* of this chunk in the buffer */
-	__u32 len;                /* bytes in data[] */
-	__u16 field;              /* index of the capture in the function's row */
-	__u16 index;              /* element (reader names of SCARD_READERSTATE) */
-	__u16 flags;              /* enum pcsc_data_flags */
-	__u16 pad[3];
+	struct pcsc_buffer buf;
 	__u8 data[PCSC_CHUNK];
 };
 

@@ -76,8 +76,9 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
  * operation holds the CPU's busy counter (a preempted one, of any program):
  * a RETURN that misses its record would leave the thread "in a call" for
  * good.  There, a hash map by thread id; LRU, so that threads that are gone
- * make room. */
-BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 16384);
+ * make room (8,192 threads at a time: the value is 700 bytes, and an LRU
+ * hash allocates them all at once). */
+BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 8192);
 BPF_PERCPU_ARRAY(inflight_zero, struct pcsc_call, 1);   /* all zeros: a new record */
 
 static __always_inline struct pcsc_call *inflight_get(int create)
@@ -155,7 +156,9 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 fun
 	 * renamed later (PR_SET_NAME) keeps the name it had. */
 	if (!c->head.comm[0])
 		bpf_get_current_comm(&c->head.comm, sizeof(c->head.comm));
-	__builtin_memset(&c->rv, 0, sizeof(*c) - offsetof(struct pcsc_call, rv));
+	/* Not the inline bytes: only buf.len of them are sent. */
+	__builtin_memset(&c->rv, 0, offsetof(struct pcsc_call, data) - offsetof(struct pcsc_call, rv));
+	c->buf.field = PCSC_NO_FIELD;
 	fill_head(&c->head, PCSC_REC_ENTER, func);
 	c->args[0] = PT_REGS_PARM1(ctx);
 	c->args[1] = PT_REGS_PARM2(ctx);
@@ -187,27 +190,37 @@ static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pc
 	r = scratch_call.lookup(&zero);
 	if (!r)
 		return NULL;
-	__builtin_memcpy(r, c, sizeof(*r));
+	__builtin_memcpy(r, c, offsetof(struct pcsc_call, buf));
 	r->head.ts = bpf_ktime_get_ns();
 	r->head.kind = PCSC_REC_RETURN;
 	r->rv = PT_REGS_RC(ctx);
 	r->valid = 0;
 	__builtin_memset(r->words, 0, sizeof(r->words));
+	__builtin_memset(&r->buf, 0, sizeof(r->buf));
+	r->buf.field = PCSC_NO_FIELD;
 	*entry = c;
 	return r;
+}
+
+/* A phase's record, with its inline bytes. */
+static __always_inline void emit_call(void *ctx, struct pcsc_call *c)
+{
+	/* buf.len < PCSC_INLINE: the mask changes nothing, it bounds the size
+	 * for the verifier. */
+	emit(ctx, c, offsetof(struct pcsc_call, data) + (c->buf.len & (PCSC_INLINE - 1)));
 }
 
 /* The ENTER record closes the entry phase. */
 static __always_inline void call_submit(struct pt_regs *ctx, struct pcsc_call *c)
 {
-	emit(ctx, c, sizeof(*c));
+	emit_call(ctx, c);
 }
 
 /* The RETURN record closes the return phase; the thread is out of the call. */
 static __always_inline void call_finish(struct pt_regs *ctx, struct pcsc_call *r,
 					struct pcsc_call *entry)
 {
-	emit(ctx, r, sizeof(*r));
+	emit_call(ctx, r);
 	entry->head.call_ts = 0;
 }
 
@@ -263,34 +276,69 @@ static __always_inline struct pcsc_data *data_begin(struct pcsc_head *h, u16 fie
 		return NULL;
 	d->head = *h;
 	d->head.kind = PCSC_REC_DATA;
-	d->field = field;
-	d->index = index;
-	d->flags = 0;
-	d->total = 0;
-	d->offset = 0;
-	d->len = 0;
+	d->buf.field = field;
+	d->buf.index = index;
+	d->buf.flags = 0;
+	d->buf.total = 0;
+	d->buf.offset = 0;
+	d->buf.len = 0;
 	return d;
 }
 
-/* A buffer of len bytes at addr, in chunks, byte-exact up to PCSC_MAX_BUFFER. */
-static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
+/* The length a NULL buffer was given, as a u32. */
+static __always_inline u32 clamp_total(u64 len)
+{
+	return len > 0xffffffffULL ? 0xffffffff : len;
+}
+
+/* A buffer shorter than PCSC_INLINE, in the phase's own record c, if no
+ * other took its place.  Returns 0 when it is not: DATA records carry it. */
+static __always_inline int inline_bytes(struct pcsc_call *c, u16 field, u16 index,
+					u64 addr, u64 len)
+{
+	if (c->buf.field != PCSC_NO_FIELD || len >= PCSC_INLINE)
+		return 0;
+	c->buf.field = field;
+	c->buf.index = index;
+	c->buf.total = len;
+	if (!addr) {
+		c->buf.flags = PCSC_DATA_NULL;
+		return 1;
+	}
+	/* len < PCSC_INLINE: the mask bounds the very register the helper
+	 * gets, for the verifier. */
+	len &= PCSC_INLINE - 1;
+	if (read_user(c->data, len, (void *)addr))
+		c->buf.flags = PCSC_DATA_FAULT;
+	else
+		c->buf.len = len;
+	return 1;
+}
+
+/* A buffer of len bytes at addr, captured for the call whose phase record
+ * is c: in c if it is short, else in DATA records, in chunks, byte-exact up
+ * to PCSC_MAX_BUFFER. */
+static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_call *c,
 				       u16 field, u16 index, u64 addr, u64 len)
 {
-	struct pcsc_data *d = data_begin(h, field, index);
+	struct pcsc_data *d;
 
+	if (inline_bytes(c, field, index, addr, len))
+		return;
+	d = data_begin(&c->head, field, index);
 	if (!d)
 		return;
 	if (!addr) {
-		d->flags = PCSC_DATA_NULL;
-		d->total = len > 0xffffffffULL ? 0xffffffff : len;
+		d->buf.flags = PCSC_DATA_NULL;
+		d->buf.total = clamp_total(len);
 		emit(ctx, d, offsetof(struct pcsc_data, data));
 		return;
 	}
 	if (len > PCSC_MAX_BUFFER) {
-		d->flags = PCSC_DATA_TRUNCATED;
+		d->buf.flags = PCSC_DATA_TRUNCATED;
 		len = PCSC_MAX_BUFFER;
 	}
-	d->total = len;
+	d->buf.total = len;
 	/* A loop, not unrolled (bounded loops verify since Linux 5.3): the
 	 * unrolled chunks made a third of the program's instructions, which
 	 * cost compile time at every start, and instruction cache. */
@@ -308,14 +356,14 @@ static __always_inline void emit_bytes(struct pt_regs *ctx, struct pcsc_head *h,
 		 * register handed to the helpers (the verifier tracks it, not
 		 * an earlier copy). */
 		n &= 2 * PCSC_CHUNK - 1;
-		d->offset = off;
+		d->buf.offset = off;
 		if (read_user(d->data, n, (void *)(addr + off))) {
-			d->flags |= PCSC_DATA_FAULT;
-			d->len = 0;
+			d->buf.flags |= PCSC_DATA_FAULT;
+			d->buf.len = 0;
 			emit(ctx, d, offsetof(struct pcsc_data, data));
 			return;
 		}
-		d->len = n;
+		d->buf.len = n;
 		emit(ctx, d, offsetof(struct pcsc_data, data) + n);
 	}
 }
@@ -330,33 +378,34 @@ static __always_inline void emit_str(struct pt_regs *ctx, struct pcsc_head *h,
 	if (!d)
 		return;
 	if (!addr) {
-		d->flags = PCSC_DATA_NULL;
+		d->buf.flags = PCSC_DATA_NULL;
 		emit(ctx, d, offsetof(struct pcsc_data, data));
 		return;
 	}
 	n = read_user_str(d->data, PCSC_MAX_STRING, (void *)addr);
 	if (n <= 0) {
-		d->flags = PCSC_DATA_FAULT;
+		d->buf.flags = PCSC_DATA_FAULT;
 		n = 0;
 	} else {
 		n -= 1;
 		if (n >= PCSC_MAX_STRING - 1)
-			d->flags = PCSC_DATA_TRUNCATED;
+			d->buf.flags = PCSC_DATA_TRUNCATED;
 	}
 	n &= PCSC_MAX_STRING - 1;
-	d->len = n;
-	d->total = n;
+	d->buf.len = n;
+	d->buf.total = n;
 	emit(ctx, d, offsetof(struct pcsc_data, data) + n);
 }
 
 /* An SCARD_READERSTATE array: the structures (index 0), then the reader name
  * each one points to (index i + 1). */
-static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_head *h,
+static __always_inline void emit_readerstates(struct pt_regs *ctx, struct pcsc_call *c,
 					      u16 field, u64 addr, u64 count)
 {
+	struct pcsc_head *h = &c->head;
 	u64 n = count > PCSC_MAX_READERS ? PCSC_MAX_READERS : count;
 
-	emit_bytes(ctx, h, field, 0, addr, count * PCSC_READERSTATE_SIZE);
+	emit_bytes(ctx, c, field, 0, addr, count * PCSC_READERSTATE_SIZE);
 	if (!addr)
 		return;
 #pragma clang loop unroll(disable)
@@ -419,7 +468,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (c->head.call_ts) {
 		c->head.kind = PCSC_REC_ABORT;
 		c->head.ts = bpf_ktime_get_ns();
-		emit(ctx, c, sizeof(*c));
+		emit(ctx, c, offsetof(struct pcsc_call, data));
 		c->head.call_ts = 0;
 	}
 #ifdef PCSC_INFLIGHT_HASH

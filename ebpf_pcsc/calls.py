@@ -1,9 +1,10 @@
-"""Decoding: perf-buffer records -> Call objects.
+"""Decoding: the kernel's records -> Call objects.
 
 The records of one call arrive as an entry phase and a return phase, each a
-run of DATA records closed by its ENTER or RETURN record (bpf/pcsc_event.h).
-The two phases may come from different CPUs, so a RETURN can arrive before
-its ENTER: it waits until the ENTER is seen.
+run of DATA records closed by its ENTER or RETURN record (bpf/pcsc_event.h),
+which may carry a short buffer itself.  The two phases may come from
+different CPUs, so a RETURN can arrive before its ENTER: it waits until the
+ENTER is seen.
 """
 import struct
 from dataclasses import dataclass, field
@@ -15,10 +16,11 @@ from .captures import Bytes, Function, ReaderStates, Text, Word
 # The records as struct formats (layout.py derives them from its mirror of
 # the header): one unpack per record.
 _HEAD = L.HEAD_FORMAT
-_CALL = L.CALL_BODY_FORMAT     # rv, valid, depth, args..., words...
-_DATA = L.DATA_BODY_FORMAT
+_CALL = L.CALL_BODY_FORMAT     # rv, valid, depth, args..., words..., buf
+_DATA = L.DATA_BODY_FORMAT     # buf: total, offset, len, field, index, flags
 _ARGS = slice(3, 3 + L.PCSC_MAX_ARGS)
 _WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)
+_BUF = _WORDS.stop            # where buf starts in a call record's values
 
 
 @dataclass
@@ -123,6 +125,17 @@ class _Chunks:
         return Captured(bytes(self.buf), self.flags, self.total)
 
 
+def _inline(raw: bytes, rec: tuple) -> Optional[Tuple[int, int, Captured]]:
+    """The buffer an ENTER or RETURN record carries: (field, index, the
+    bytes), or None.  Always whole: it is short."""
+    total, _, length, fld, index, flags = rec[_BUF:_BUF + 6]
+    if fld == L.PCSC_NO_FIELD:
+        return None
+    if flags & (L.PCSC_DATA_NULL | L.PCSC_DATA_FAULT):
+        return fld, index, Captured(None, flags, total)
+    return fld, index, Captured(raw[L.CALL_DATA_OFFSET:L.CALL_DATA_OFFSET + length], flags, total)
+
+
 def _parse_readerstates(raw: Captured, names: Dict[int, Captured], count: int):
     if raw.data is None:
         return None
@@ -190,7 +203,7 @@ class Assembler:
             args = rec[_ARGS]
             call = Call(fn, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
                         call_ts, dict(zip(fn.args, args)),
-                        self._phase(key, fn, fn.entry, 0, rec[1], args, rec[_WORDS]))
+                        self._phase(key, fn, fn.entry, 0, rec, args, raw))
             self._open[key] = call
             self.sink.enter(call)
             early = self._early.pop(key, None)
@@ -202,8 +215,8 @@ class Assembler:
                 self._early[key] = raw
                 return
             rec = _CALL.unpack_from(raw, _HEAD.size)
-            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec[1],
-                                    rec[_ARGS], rec[_WORDS])
+            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec,
+                                    rec[_ARGS], raw)
             call.rv = rec[0]
             call.ret_ts = ts
             self._chunks.pop(key, None)
@@ -216,29 +229,37 @@ class Assembler:
                 call.ret_ts = ts
                 self.sink.abort(call)
 
-    def _phase(self, key, fn: Function, captures, first_field: int, valid: int,
-               args: Sequence[int], words: Sequence[int]) -> Phase:
+    def _phase(self, key, fn: Function, captures, first_field: int, rec: tuple,
+               args: Sequence[int], raw: bytes) -> Phase:
+        """The phase that the record rec (unpacked from raw) closes."""
         phase = Phase()
         if not captures:
             return phase
+        valid, words = rec[1], rec[_WORDS]
+        inline = _inline(raw, rec)
         chunks = self._chunks.get(key, {})
+
+        def take(fld: int, index: int) -> Optional[Captured]:
+            if inline is not None and inline[:2] == (fld, index):
+                return inline[2]
+            c = chunks.pop((fld, index), None)
+            return None if c is None else c.captured()
+
         slot = 0
         for fld, cap in enumerate(captures, first_field):
             if isinstance(cap, Word):
                 phase.words[cap.name] = words[slot] if valid & (1 << slot) else None
                 slot += 1
             elif isinstance(cap, (Text, Bytes)):
-                c = chunks.pop((fld, 0), None)
+                c = take(fld, 0)
                 if c is not None:
-                    phase.data[cap.name] = c.captured()
+                    phase.data[cap.name] = c
             elif isinstance(cap, ReaderStates):
-                c = chunks.pop((fld, 0), None)
-                names = {i: ch.captured() for (f, i), ch in list(chunks.items()) if f == fld}
-                for i in names:
-                    chunks.pop((fld, i))
+                structs = take(fld, 0)
+                names = {i: take(fld, i) for (f, i) in list(chunks) if f == fld}
                 count = args[fn.arg_index(cap.count)]
-                phase.readers[cap.name] = (None if c is None else
-                                           _parse_readerstates(c.captured(), names, count))
+                phase.readers[cap.name] = (None if structs is None else
+                                           _parse_readerstates(structs, names, count))
         return phase
 
     def pending(self) -> List[Call]:

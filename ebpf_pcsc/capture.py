@@ -52,9 +52,9 @@ def wakeup_bytes(buffer_bytes: int) -> int:
 
 def perf_wakeup_events(buffer_bytes: int) -> int:
     """A perf buffer counts records, not bytes: as many of the common ones
-    (ENTER, RETURN) as WAKEUP_BYTES holds, but no more of the largest (a full
-    DATA chunk) than a quarter of the buffer holds."""
-    return max(1, min(WAKEUP_BYTES // ctypes.sizeof(L.CallRecord),
+    (ENTER, RETURN, without a buffer) as WAKEUP_BYTES holds, but no more of
+    the largest (a full DATA chunk) than a quarter of the buffer holds."""
+    return max(1, min(WAKEUP_BYTES // L.CALL_DATA_OFFSET,
                       buffer_bytes // 4 // (L.DATA_OFFSET + L.PCSC_CHUNK)))
 
 # Library loads travel apart from the calls, and wake the reader at once

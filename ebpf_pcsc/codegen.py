@@ -74,12 +74,12 @@ def _phase_code(fn: Function, phase, first_field: int, rec: str) -> list:
             ptr = arg(cap.arg)
             if cap.autoalloc:
                 ptr = "buffer_ptr(e, %d, %s)" % (entry_slot[cap.autoalloc], ptr)
-            code = "emit_bytes(ctx, &%s->head, %d, 0, %s, %s);" % (rec, field, ptr, length)
+            code = "emit_bytes(ctx, %s, %d, 0, %s, %s);" % (rec, field, ptr, length)
             if cap.on_success:
                 code = "if (%s->rv == 0) %s" % (rec, code)
             lines.append(code)
         elif isinstance(cap, ReaderStates):
-            lines.append("emit_readerstates(ctx, &%s->head, %d, %s, %s);"
+            lines.append("emit_readerstates(ctx, %s, %d, %s, %s);"
                          % (rec, field, arg(cap.arg), arg(cap.count)))
         else:  # pragma: no cover - a new capture kind needs code here
             raise TypeError(cap)

@@ -16,6 +16,8 @@ PCSC_MAX_WORDS = 6
 PCSC_MAX_BUFFER = 65548
 PCSC_CHUNK = 16384
 PCSC_MAX_CHUNKS = 5
+PCSC_INLINE = 512
+PCSC_NO_FIELD = 0xFFFF
 PCSC_MAX_STRING = 512
 PCSC_MAX_READERS = 32
 PCSC_READERSTATE_SIZE = 80
@@ -53,6 +55,18 @@ class Head(ctypes.Structure):
     ]
 
 
+class Buffer(ctypes.Structure):
+    _fields_ = [
+        ("total", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("field", ctypes.c_uint16),
+        ("index", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16 * 3),
+    ]
+
+
 class CallRecord(ctypes.Structure):
     _fields_ = [
         ("head", Head),
@@ -61,24 +75,21 @@ class CallRecord(ctypes.Structure):
         ("depth", ctypes.c_uint32),
         ("args", ctypes.c_uint64 * PCSC_MAX_ARGS),
         ("words", ctypes.c_uint64 * PCSC_MAX_WORDS),
+        ("buf", Buffer),
+        ("data", ctypes.c_uint8 * PCSC_INLINE),
     ]
 
 
 class DataRecord(ctypes.Structure):
     _fields_ = [
         ("head", Head),
-        ("total", ctypes.c_uint32),
-        ("offset", ctypes.c_uint32),
-        ("len", ctypes.c_uint32),
-        ("field", ctypes.c_uint16),
-        ("index", ctypes.c_uint16),
-        ("flags", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16 * 3),
+        ("buf", Buffer),
         ("data", ctypes.c_uint8 * PCSC_CHUNK),
     ]
 
 
-DATA_OFFSET = DataRecord.data.offset
+DATA_OFFSET = DataRecord.data.offset        # a DATA record's bytes
+CALL_DATA_OFFSET = CallRecord.data.offset   # an ENTER or RETURN record's inline bytes
 
 
 # The same structs as struct formats, derived from the ctypes mirror above
@@ -105,6 +116,9 @@ def _format(struct_type, first: str = None, stop: str = None) -> struct.Struct:
         if name == "pad":
             fmt += "%dx" % ctypes.sizeof(ftype)
             continue
+        if issubclass(ftype, ctypes.Structure):   # its fields, in line
+            fmt += _format(ftype).format.lstrip("<")
+            continue
         length = getattr(ftype, "_length_", None)
         element = ftype._type_ if length else ftype
         char = _CHARS[element]
@@ -117,10 +131,13 @@ def _format(struct_type, first: str = None, stop: str = None) -> struct.Struct:
 
 
 HEAD_FORMAT = _format(Head)                          # struct pcsc_head
-CALL_BODY_FORMAT = _format(CallRecord, first="rv")   # struct pcsc_call after its head
-DATA_BODY_FORMAT = _format(DataRecord, first="total", stop="data")   # pcsc_data's fixed part
+# struct pcsc_call after its head, up to its inline bytes: rv, valid, depth,
+# args..., words..., then buf's total, offset, len, field, index, flags
+CALL_BODY_FORMAT = _format(CallRecord, first="rv", stop="data")
+DATA_BODY_FORMAT = _format(DataRecord, first="buf", stop="data")   # pcsc_data's buf
 
 # For the drift test: every struct and limit this module mirrors.
-STRUCTS = {"pcsc_head": Head, "pcsc_call": CallRecord, "pcsc_data": DataRecord}
+STRUCTS = {"pcsc_head": Head, "pcsc_buffer": Buffer, "pcsc_call": CallRecord,
+           "pcsc_data": DataRecord}
 LIMITS = {name: value for name, value in globals().items()
           if name.startswith("PCSC_") and isinstance(value, int)}

@@ -20,10 +20,11 @@ filtered on the client's pid), runs tests/clients/pcsc_client.c and writes:
 
 The .records format: a sequence of records, each a 4-byte little-endian
 length followed by that many bytes, exactly as the buffer delivered them
-(a struct pcsc_call or pcsc_data of bpf/pcsc_event.h, possibly followed by
-perf's alignment padding: the files were recorded through the perf buffer).  Nothing else: no header.  Handles, pointers,
-pids, tids and timestamps differ from run to run; everything the client
-passes or receives is the same on every run (tests/clients/README.md).
+(a struct pcsc_call or pcsc_data of bpf/pcsc_event.h, up to its last byte
+of data, possibly followed by perf's alignment padding: the files are
+recorded through the perf buffer).  Nothing else: no header.  Handles,
+pointers, pids, tids and timestamps differ from run to run; everything the
+client passes or receives is the same on every run (tests/clients/README.md).
 
 Regenerate them when bpf/pcsc_event.h or the function table changes.
 """
@@ -136,7 +137,9 @@ def record(stack, client: str, scenario, timeout: float = 60.0) -> tuple:
         proc = subprocess.Popen(["sh", "-c", 'read _ ; exec "$0" "$@"', client, *scenario],
                                 env=stack.env, stdin=subprocess.PIPE, stdout=out,
                                 stderr=subprocess.PIPE)
-        capture = Capture(FUNCTIONS, [targets.system_wide()], pids=[proc.pid])
+        # Through the perf buffer, whose padding the decoder must ignore
+        # (the ring buffer delivers records to the byte).
+        capture = Capture(FUNCTIONS, [targets.system_wide()], pids=[proc.pid], transport="perf")
         lost = []
         records: List[bytes] = []
         try:

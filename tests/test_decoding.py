@@ -102,11 +102,17 @@ def test_recording_is_complete(name):
         assert h.comm == b"pcsc_client"
         assert h.func < len(FUNCTIONS)
         if h.kind == L.PCSC_REC_DATA:
-            d = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0"))
-            assert len(raw) >= L.DATA_OFFSET + d.len
-            assert d.len <= L.PCSC_CHUNK and d.offset + d.len <= d.total
+            b = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0")).buf
+            assert len(raw) >= L.DATA_OFFSET + b.len
+            assert b.len <= L.PCSC_CHUNK and b.offset + b.len <= b.total
         else:
-            assert len(raw) >= ctypes.sizeof(L.CallRecord)
+            b = L.CallRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.CallRecord), b"\0")).buf
+            assert len(raw) >= L.CALL_DATA_OFFSET + b.len
+            assert b.len < L.PCSC_INLINE
+            if b.field == L.PCSC_NO_FIELD:
+                assert (b.len, b.total, b.flags) == (0, 0, 0)
+            else:
+                assert b.offset == 0 and b.len <= b.total
     assert len(pids) == 1
     assert kinds[L.PCSC_REC_ENTER] == kinds[L.PCSC_REC_RETURN] == len(client_calls(name))
     assert kinds[L.PCSC_REC_ABORT] == 0
@@ -457,8 +463,8 @@ def test_extended_65k_chunks():
     for raw in records:
         h = head(raw)
         if h.kind == L.PCSC_REC_DATA and h.func == INDEX["SCardTransmit"]:
-            d = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0"))
-            chunks.setdefault(d.field, []).append((d.offset, d.len, d.total))
+            b = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0")).buf
+            chunks.setdefault(b.field, []).append((b.offset, b.len, b.total))
     c = L.PCSC_CHUNK
     assert chunks[2] == [(0, c, 65007), (c, c, 65007), (2 * c, c, 65007), (3 * c, 65007 - 3 * c, 65007)]
     assert chunks[6] == [(0, c, 65002), (c, c, 65002), (2 * c, c, 65002), (3 * c, 65002 - 3 * c, 65002)]
@@ -554,7 +560,8 @@ def test_two_threads_interleaved():
 PID, TID = 4242, 4243
 
 
-def call_record(kind, fname, call_ts, ts=None, args=(), words=(), rv=0, tid=TID):
+def call_record(kind, fname, call_ts, ts=None, args=(), words=(), rv=0, tid=TID, inline=None):
+    """inline: (field, bytes, flags, total) of a buffer the record carries."""
     r = L.CallRecord()
     r.head.ts = call_ts if ts is None else ts
     r.head.call_ts = call_ts
@@ -568,7 +575,13 @@ def call_record(kind, fname, call_ts, ts=None, args=(), words=(), rv=0, tid=TID)
         if w is not None:
             r.words[i] = w
             r.valid |= 1 << i
-    return bytes(r)
+    r.buf.field = L.PCSC_NO_FIELD
+    data = b""
+    if inline is not None:
+        r.buf.field, data, r.buf.flags, r.buf.total = inline
+        r.buf.len = len(data)
+        r.data[:len(data)] = list(data)
+    return bytes(r)[:L.CALL_DATA_OFFSET + len(data)]
 
 
 def data_record(fname, call_ts, field, data=b"", offset=0, total=None, flags=0, ts=None,
@@ -579,8 +592,9 @@ def data_record(fname, call_ts, field, data=b"", offset=0, total=None, flags=0, 
     d.head.pid, d.head.tid = PID, tid
     d.head.kind, d.head.func = L.PCSC_REC_DATA, INDEX[fname]
     d.head.comm = b"handmade"
-    d.total = len(data) if total is None else total
-    d.offset, d.len, d.field, d.index, d.flags = offset, len(data), field, index, flags
+    b = d.buf
+    b.total = len(data) if total is None else total
+    b.offset, b.len, b.field, b.index, b.flags = offset, len(data), field, index, flags
     d.data[:len(data)] = list(data)
     return bytes(d)[:L.DATA_OFFSET + len(data)]
 
@@ -655,12 +669,12 @@ def test_abort_of_a_recorded_call():
     kept = [r for r in records
             if not ((head(r).tid, head(r).call_ts) == (blocked.tid, blocked.call_ts)
                     and head(r).ts != blocked.call_ts)]
-    abort = L.CallRecord.from_buffer_copy(next(
-        r for r in records if (head(r).tid, head(r).call_ts, head(r).kind)
-        == (blocked.tid, blocked.call_ts, L.PCSC_REC_ENTER)))
+    enter = next(r for r in records if (head(r).tid, head(r).call_ts, head(r).kind)
+                 == (blocked.tid, blocked.call_ts, L.PCSC_REC_ENTER))
+    abort = L.CallRecord.from_buffer_copy(enter.ljust(ctypes.sizeof(L.CallRecord), b"\0"))
     abort.head.kind = L.PCSC_REC_ABORT
     abort.head.ts = blocked.ret_ts
-    kept.append(bytes(abort))
+    kept.append(bytes(abort)[:L.CALL_DATA_OFFSET])   # as the kernel sends it
     sink, assembler = decode(kept)
     assert [c.name for c in sink.aborted] == ["SCardGetStatusChange"]
     assert sink.aborted[0].tid == blocked.tid
@@ -706,6 +720,90 @@ def test_empty_buffer():
     assert (cap.data, cap.is_null, cap.truncated) == (b"", False, False)
 
 
+# -- buffers carried by the ENTER and RETURN records ------------------------------------
+
+def test_recorded_short_buffers_travel_in_their_call_records():
+    """The kernel side: a short APDU and its response are in the ENTER and
+    RETURN records (two records per SCardTransmit), extended ones (4 KB) in
+    DATA records; and a phase's second short buffer, when the first took
+    the place (SCardStatus: the reader name, then the ATR), in a DATA
+    record."""
+    records, _ = recorded("all")
+    transmit, status = INDEX["SCardTransmit"], INDEX["SCardStatus"]
+    inline, data = [], []
+    for raw in records:
+        h = head(raw)
+        if h.func == transmit and h.kind == L.PCSC_REC_DATA:
+            b = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0")).buf
+            data.append((b.field, b.total))
+        elif h.func == transmit:
+            b = L.CallRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.CallRecord), b"\0")).buf
+            if b.field != L.PCSC_NO_FIELD:
+                assert b.len == b.total and b.flags == 0
+                assert len(raw) >= L.CALL_DATA_OFFSET + b.len
+                inline.append((h.kind, b.field, b.len))
+    # SELECT (12 bytes, answer 9000), GET CHALLENGE 8, then the 4 KB ECHO
+    assert inline == [(L.PCSC_REC_ENTER, 2, 12), (L.PCSC_REC_RETURN, 6, 2),
+                      (L.PCSC_REC_ENTER, 2, 5), (L.PCSC_REC_RETURN, 6, 10)]
+    assert data == [(2, 4103), (6, 4098)]
+    status_data = [raw for raw in records if head(raw).func == status
+                   and head(raw).kind == L.PCSC_REC_DATA]
+    assert len(status_data) == 2, "SCardStatus's second buffer in a DATA record"
+
+
+def test_handmade_inline_transmit():
+    args = (7, 0x100, 0x200, len(GET_CHALLENGE), 0x300, 0x400, 0x500)
+    recs = [call_record(L.PCSC_REC_ENTER, "SCardTransmit", 10, args=args, words=(2, 16),
+                        inline=(2, GET_CHALLENGE, 0, len(GET_CHALLENGE))),
+            call_record(L.PCSC_REC_RETURN, "SCardTransmit", 10, ts=20, args=args,
+                        words=(1, 16, len(CHALLENGE)),
+                        inline=(6, CHALLENGE, 0, len(CHALLENGE)))]
+    sink, assembler = decode(recs)
+    c, = sink.left
+    assert c.entry.data["pbSendBuffer"].data == GET_CHALLENGE
+    recv = c.exit.data["pbRecvBuffer"]
+    assert (recv.data, recv.total, recv.truncated) == (CHALLENGE, len(CHALLENGE), False)
+    assert assembler.pending() == [] and assembler._chunks == {}
+
+
+def test_handmade_inline_null_and_fault():
+    """NULL and unreadable buffers travel inline too, without bytes."""
+    recs = [call_record(L.PCSC_REC_ENTER, "SCardSetAttrib", 10, args=(1, 2, 0, 4),
+                        inline=(0, b"", L.PCSC_DATA_NULL, 4)),
+            call_record(L.PCSC_REC_RETURN, "SCardSetAttrib", 10, ts=11),
+            call_record(L.PCSC_REC_ENTER, "SCardSetAttrib", 20, args=(1, 2, 0xdead, 4),
+                        inline=(0, b"", L.PCSC_DATA_FAULT, 4)),
+            call_record(L.PCSC_REC_RETURN, "SCardSetAttrib", 20, ts=21),
+            call_record(L.PCSC_REC_ENTER, "SCardSetAttrib", 30, args=(1, 2, 0x10, 0),
+                        inline=(0, b"", 0, 0)),
+            call_record(L.PCSC_REC_RETURN, "SCardSetAttrib", 30, ts=31)]
+    sink, _ = decode(recs)
+    null, fault, empty = (c.entry.data["pbAttr"] for c in sink.left)
+    assert (null.data, null.is_null, null.fault, null.total) == (None, True, False, 4)
+    assert (fault.data, fault.is_null, fault.fault, fault.total) == (None, False, True, 4)
+    assert (empty.data, empty.is_null, empty.truncated) == (b"", False, False)
+
+
+def test_inline_reader_states_with_names_in_data_records():
+    """SCardGetStatusChange: the SCARD_READERSTATE array in the ENTER record,
+    the reader name it points to in a DATA record (index 1)."""
+    state = bytearray(L.PCSC_READERSTATE_SIZE)
+    state[0:8] = (0x1000).to_bytes(8, "little")                  # szReader
+    state[24:32] = (0x22).to_bytes(8, "little")                  # dwEventState
+    state[32:40] = (len(ATR)).to_bytes(8, "little")              # cbAtr
+    state[40:40 + len(ATR)] = ATR
+    recs = [data_record("SCardGetStatusChange", 10, 0, READER.encode(), index=1),
+            call_record(L.PCSC_REC_ENTER, "SCardGetStatusChange", 10, args=(1, 0, 0x10, 1),
+                        inline=(0, bytes(state), 0, len(state))),
+            call_record(L.PCSC_REC_RETURN, "SCardGetStatusChange", 10, ts=11,
+                        args=(1, 0, 0x10, 1))]
+    sink, assembler = decode(recs)
+    c, = sink.left
+    r, = c.entry.readers["rgReaderStates"]
+    assert (r.reader, r.event_state, r.cb_atr, r.atr[:len(ATR)]) == (READER, 0x22, len(ATR), ATR)
+    assert assembler._chunks == {}
+
+
 def _extended_without(drop):
     """extended65k's SCardTransmit send buffer, with some of its chunks (by
     offset) lost, and as recorded."""
@@ -714,8 +812,8 @@ def _extended_without(drop):
     for raw in records:
         h = head(raw)
         if h.kind == L.PCSC_REC_DATA and h.func == INDEX["SCardTransmit"]:
-            d = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0"))
-            if d.field == 2 and d.offset in drop:
+            b = L.DataRecord.from_buffer_copy(raw.ljust(ctypes.sizeof(L.DataRecord), b"\0")).buf
+            if b.field == 2 and b.offset in drop:
                 continue
         kept.append(raw)
     sink, assembler = decode(kept)

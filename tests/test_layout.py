@@ -115,7 +115,7 @@ def c_side(header_text, tmp_path_factory):
 def test_header_parses(header_text):
     """The parser sees what the header holds (guards the generic parsing)."""
     structs = header_structs(header_text)
-    assert set(structs) == {"pcsc_head", "pcsc_call", "pcsc_data"}
+    assert set(structs) == {"pcsc_head", "pcsc_buffer", "pcsc_call", "pcsc_data"}
     assert structs["pcsc_head"][:2] == ["ts", "call_ts"]
     assert structs["pcsc_data"][-1] == "data"
     assert "PCSC_CHUNK" in header_defines(header_text)
@@ -165,20 +165,23 @@ def test_struct_formats_match_the_header(c_side):
     data_offset = dict((f, o) for f, o, _ in structs["pcsc_data"][2])["data"]
     assert L.HEAD_FORMAT.size == head_size
     assert L.HEAD_FORMAT.size + L.DATA_BODY_FORMAT.size == data_offset == L.DATA_OFFSET
-    assert L.HEAD_FORMAT.size + L.CALL_BODY_FORMAT.size == structs["pcsc_call"][0]
+    call_data = dict((f, o) for f, o, _ in structs["pcsc_call"][2])["data"]
+    assert L.HEAD_FORMAT.size + L.CALL_BODY_FORMAT.size == call_data == L.CALL_DATA_OFFSET
     head_fields = structs["pcsc_head"][2]
     assert [f for f, _, _ in head_fields] == ["ts", "call_ts", "pid", "tid", "kind", "func", "comm"]
     # The order of the unpacked values is the order of the fields.
     raw = bytes(L.Head(ts=1, call_ts=2, pid=3, tid=4, kind=5, func=6, comm=b"abc"))
     assert L.HEAD_FORMAT.unpack(raw) == (1, 2, 3, 4, 5, 6, b"abc" + bytes(13))
-    d = L.DataRecord(total=7, offset=8, len=9, field=10, index=11, flags=12)
+    buf = L.Buffer(total=7, offset=8, len=9, field=10, index=11, flags=12)
+    d = L.DataRecord(buf=buf)
     assert L.DATA_BODY_FORMAT.unpack_from(bytes(d), head_size) == (7, 8, 9, 10, 11, 12)
     args = list(range(100, 100 + L.PCSC_MAX_ARGS))
     words = list(range(200, 200 + L.PCSC_MAX_WORDS))
-    c = L.CallRecord(rv=-5, valid=3, depth=2)
+    c = L.CallRecord(rv=-5, valid=3, depth=2, buf=buf)
     c.args[:] = args
     c.words[:] = words
-    assert L.CALL_BODY_FORMAT.unpack_from(bytes(c), head_size) == (-5, 3, 2, *args, *words)
+    assert L.CALL_BODY_FORMAT.unpack_from(bytes(c), head_size) == (-5, 3, 2, *args, *words,
+                                                                   7, 8, 9, 10, 11, 12)
 
 
 def test_limits_are_consistent():
@@ -190,8 +193,15 @@ def test_limits_are_consistent():
     assert ctypes.sizeof(L.CallRecord) < 32 * 1024
     # emit_str masks its length with PCSC_MAX_STRING - 1: a power of two
     assert L.PCSC_MAX_STRING & (L.PCSC_MAX_STRING - 1) == 0
-    # 2 * PCSC_CHUNK - 1 is the verifier's bound in emit_bytes
+    # 2 * PCSC_CHUNK - 1 is the verifier's bound in emit_bytes, PCSC_INLINE - 1
+    # in inline_bytes and emit_call
     assert L.PCSC_CHUNK & (L.PCSC_CHUNK - 1) == 0
+    assert L.PCSC_INLINE & (L.PCSC_INLINE - 1) == 0
+    # The longest short APDU (5 + 255 + 1 bytes) and response (256 + 2)
+    # travel in their call's records
+    assert L.PCSC_INLINE > 261
+    # buf.field of a call record without a buffer is none of a row's fields
+    assert L.PCSC_NO_FIELD >= 0xFFFF
     assert L.PCSC_MAX_READERS * L.PCSC_READERSTATE_SIZE <= L.PCSC_MAX_BUFFER
     # Words are flagged in a __u32 bit mask
     assert L.PCSC_MAX_WORDS <= 32
