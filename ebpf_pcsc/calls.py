@@ -20,6 +20,7 @@ _CALL = L.CALL_BODY_FORMAT     # rv, valid, depth, args..., words..., buf
 _DATA = L.DATA_BODY_FORMAT     # buf: total, offset, len, field, index, flags
 _ARGS = slice(3, 3 + L.PCSC_MAX_ARGS)
 _WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)
+_WORD0 = _WORDS.start
 _BUF = _WORDS.stop            # where buf starts in a call record's values
 
 
@@ -150,6 +151,22 @@ def _parse_readerstates(raw: Captured, names: Dict[int, Captured], count: int):
     return states
 
 
+class _PhasePlan:
+    """How to read one phase of one function out of its records, worked out
+    once from the table (not per call): its words (name, slot), its buffers
+    and strings (name, field), its SCARD_READERSTATE arrays (name, field,
+    index of the count argument)."""
+    __slots__ = ("words", "buffers", "readers")
+
+    def __init__(self, fn: Function, captures, first_field: int):
+        self.words = [(w.name, slot) for slot, w in enumerate(fn.words(captures))]
+        self.buffers = [(cap.name, fld) for fld, cap in enumerate(captures, first_field)
+                        if isinstance(cap, (Text, Bytes))]
+        self.readers = [(cap.name, fld, fn.arg_index(cap.count))
+                        for fld, cap in enumerate(captures, first_field)
+                        if isinstance(cap, ReaderStates)]
+
+
 class Assembler:
     """Feeds on raw records; calls sink.enter(call), sink.leave(call) and
     sink.abort(call) as calls start, return, or die with their thread."""
@@ -157,6 +174,8 @@ class Assembler:
     def __init__(self, functions: Sequence[Function], sink):
         self.functions = functions
         self.sink = sink
+        self._plans = [(_PhasePlan(fn, fn.entry, 0), _PhasePlan(fn, fn.exit, len(fn.entry)))
+                       for fn in functions]
         self._chunks: Dict[Tuple[int, int], Dict[Tuple[int, int], _Chunks]] = {}
         self._open: Dict[Tuple[int, int], Call] = {}
         self._early: Dict[Tuple[int, int], bytes] = {}
@@ -203,7 +222,7 @@ class Assembler:
             args = rec[_ARGS]
             call = Call(fn, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
                         call_ts, dict(zip(fn.args, args)),
-                        self._phase(key, fn, fn.entry, 0, rec, args, raw))
+                        self._phase(key, self._plans[func][0], rec, args, raw))
             self._open[key] = call
             self.sink.enter(call)
             early = self._early.pop(key, None)
@@ -215,8 +234,7 @@ class Assembler:
                 self._early[key] = raw
                 return
             rec = _CALL.unpack_from(raw, _HEAD.size)
-            call.exit = self._phase(key, call.fn, call.fn.exit, len(call.fn.entry), rec,
-                                    rec[_ARGS], raw)
+            call.exit = self._phase(key, self._plans[func][1], rec, rec[_ARGS], raw)
             call.rv = rec[0]
             call.ret_ts = ts
             self._chunks.pop(key, None)
@@ -229,13 +247,15 @@ class Assembler:
                 call.ret_ts = ts
                 self.sink.abort(call)
 
-    def _phase(self, key, fn: Function, captures, first_field: int, rec: tuple,
-               args: Sequence[int], raw: bytes) -> Phase:
+    def _phase(self, key, plan: _PhasePlan, rec: tuple, args: Sequence[int],
+               raw: bytes) -> Phase:
         """The phase that the record rec (unpacked from raw) closes."""
         phase = Phase()
-        if not captures:
+        valid = rec[1]
+        for name, slot in plan.words:
+            phase.words[name] = rec[_WORD0 + slot] if valid >> slot & 1 else None
+        if not (plan.buffers or plan.readers):
             return phase
-        valid, words = rec[1], rec[_WORDS]
         inline = _inline(raw, rec)
         chunks = self._chunks.get(key, {})
 
@@ -245,21 +265,15 @@ class Assembler:
             c = chunks.pop((fld, index), None)
             return None if c is None else c.captured()
 
-        slot = 0
-        for fld, cap in enumerate(captures, first_field):
-            if isinstance(cap, Word):
-                phase.words[cap.name] = words[slot] if valid & (1 << slot) else None
-                slot += 1
-            elif isinstance(cap, (Text, Bytes)):
-                c = take(fld, 0)
-                if c is not None:
-                    phase.data[cap.name] = c
-            elif isinstance(cap, ReaderStates):
-                structs = take(fld, 0)
-                names = {i: take(fld, i) for (f, i) in list(chunks) if f == fld}
-                count = args[fn.arg_index(cap.count)]
-                phase.readers[cap.name] = (None if structs is None else
-                                           _parse_readerstates(structs, names, count))
+        for name, fld in plan.buffers:
+            c = take(fld, 0)
+            if c is not None:
+                phase.data[name] = c
+        for name, fld, count in plan.readers:
+            structs = take(fld, 0)
+            names = {i: take(fld, i) for (f, i) in list(chunks) if f == fld}
+            phase.readers[name] = (None if structs is None else
+                                   _parse_readerstates(structs, names, args[count]))
         return phase
 
     def pending(self) -> List[Call]:

@@ -52,6 +52,15 @@ def c_string(value: Optional[str]) -> str:
     return "(null)" if value is None else value
 
 
+def number(header: str, value: Optional[int]) -> str:
+    """with_decimal(header, ptr_long(value)), without formatting the value
+    twice (the hot path: every call has a few)."""
+    if value is None:
+        return header + " NULL"
+    value &= MASK64
+    return "%s 0x%08X (%d)" % (header, value, value)
+
+
 def with_decimal(header: str, data: str) -> str:
     """pcsc-spy's generic argument line: a hex value gets its decimal."""
     if data.startswith("0x"):
@@ -71,14 +80,19 @@ _PRINTABLE = bytes(b if 31 < b < 127 else ord(".") for b in range(256))
 
 
 def hexdump(data: bytes, width: int = 16) -> List[str]:
-    # bytes.hex() and bytes.translate() per line, not a format per byte: a
-    # 65 KB extended APDU is 4,000 lines.
-    lines = []
-    for offset in range(0, len(data), width):
-        chunk = data[offset:offset + width]
-        hexes = chunk.hex(" ").upper() + "   " * (width - len(chunk))
-        text = chunk.translate(_PRINTABLE).decode("ascii")
-        lines.append("%04X %s %s" % (offset, hexes, text))
+    # bytes.hex() and bytes.translate() once for the whole buffer, then
+    # slices: not a format per byte (a 65 KB extended APDU is 4,000 lines).
+    hexes = data.hex(" ").upper()
+    text = data.translate(_PRINTABLE).decode("ascii")
+    pad = "   " * (-len(data) % width)
+    lines = ["%04X %s %s" % (offset, hexes[3 * offset:3 * (offset + width) - 1],
+                             text[offset:offset + width])
+             for offset in range(0, len(data), width)]
+    if pad:
+        # The last line's hex column is padded to the full width.
+        offset = len(lines) - 1
+        start = offset * width
+        lines[-1] = "%04X %s %s" % (start, hexes[3 * start:] + pad, text[start:])
     return lines
 
 
@@ -133,15 +147,12 @@ def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Opti
     return None
 
 
-def _buffer(direction: str, label: str, data: Optional[bytes]):
-    yield direction, label
+def _buffer(direction: str, label: str, data: Optional[bytes]) -> list:
     if data is LOST:
-        yield direction, " (not captured: events were lost)"
-    elif data is None:
-        yield direction, " NULL"
-    else:
-        for line in hexdump(data):
-            yield direction, " " + line
+        return [(direction, label), (direction, " (not captured: events were lost)")]
+    if data is None:
+        return [(direction, label), (direction, " NULL")]
+    return [(direction, label)] + [(direction, " " + line) for line in hexdump(data)]
 
 
 def _multistring(size_name: str, field_name: str, length: Optional[int],
@@ -170,7 +181,7 @@ def _readers(direction: str, readers: Optional[List[ReaderState]]):
         yield direction, with_decimal("szReader:", name)
         yield direction, " dwCurrentState: %s (%s)" % (states(r.current_state), hexl(r.current_state))
         yield direction, " dwEventState: %s (%s)" % (states(r.event_state), hexl(r.event_state))
-        yield direction, with_decimal(" Atr length:", hexl(r.cb_atr))
+        yield direction, number(" Atr length:", r.cb_atr)
         atr = hex_bytes(r.atr[:r.cb_atr]) if r.cb_atr <= K.MAX_ATR_SIZE else "NULL"
         yield direction, with_decimal(" Atr:", atr)
 
@@ -226,7 +237,7 @@ def connect(c: Call, f: Format):
     yield IN, with_decimal("szReader", c_string(c.entry.text("szReader")))
     yield from _share_and_protocols(c)
     yield IN, _changing("phCard", ptr_long(c.entry.word("phCard")), f)
-    yield IN, with_decimal("pdwActiveProtocol", ptr_long(c.entry.word("pdwActiveProtocol")))
+    yield IN, number("pdwActiveProtocol", c.entry.word("pdwActiveProtocol"))
     yield AT_RETURN
     yield OUT, _changing("phCard", ptr_long(c.exit.word("phCard")), f)
     yield _active_protocol(c.exit.word("pdwActiveProtocol"))
@@ -235,19 +246,19 @@ def connect(c: Call, f: Format):
 def reconnect(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield from _share_and_protocols(c)
-    yield IN, with_decimal("dwInitialization", hexl(c.args["dwInitialization"]))
+    yield IN, number("dwInitialization", c.args["dwInitialization"])
     yield AT_RETURN
     yield _active_protocol(c.exit.word("pdwActiveProtocol"))
 
 
 def status(c: Call, f: Format):
     yield _handle(c, f, "hCard")
-    yield IN, with_decimal("pcchReaderLen", ptr_long(c.entry.word("pcchReaderLen")))
-    yield IN, with_decimal("pcbAtrLen", ptr_long(c.entry.word("pcbAtrLen")))
+    yield IN, number("pcchReaderLen", c.entry.word("pcchReaderLen"))
+    yield IN, number("pcbAtrLen", c.entry.word("pcbAtrLen"))
     yield AT_RETURN
     out = c.exit
     length = out.word("pcchReaderLen")
-    yield OUT, with_decimal("cchReaderLen", ptr_long(length))
+    yield OUT, number("cchReaderLen", length)
     name = out.data.get("mszReaderName")
     if length is None:
         reader = '""'
@@ -256,14 +267,14 @@ def status(c: Call, f: Format):
     else:  # pcsc-spy shows the first string only
         reader = name.data.split(b"\0", 1)[0].decode("utf-8", "replace")
     yield OUT, with_decimal("mszReaderName", reader)
-    yield OUT, with_decimal("dwState", ptr_long(out.word("pdwState")))
-    yield OUT, with_decimal("dwProtocol", ptr_long(out.word("pdwProtocol")))
+    yield OUT, number("dwState", out.word("pdwState"))
+    yield OUT, number("dwProtocol", out.word("pdwProtocol"))
     atr_len = out.word("pcbAtrLen")
     if atr_len is None:
         yield OUT, "bAtrLen NULL"
         yield OUT, "bAtr"
     else:
-        yield OUT, with_decimal("bAtrLen", hexl(atr_len))
+        yield OUT, number("bAtrLen", atr_len)
         atr = _shown(out.data.get("pbAtr"), c.args["pbAtr"], atr_len)
         yield OUT, with_decimal("bAtr", "NULL" if atr is None else
                                 "(not captured: events were lost)" if atr is LOST else hex_bytes(atr))
@@ -271,44 +282,55 @@ def status(c: Call, f: Format):
 
 def get_status_change(c: Call, f: Format):
     yield _handle(c, f, "hContext")
-    yield IN, with_decimal("dwTimeout:", hexl(c.args["dwTimeout"]))
+    yield IN, number("dwTimeout:", c.args["dwTimeout"])
     yield IN, "cReaders: %d" % c.args["cReaders"]
     yield from _readers(IN, c.entry.readers.get("rgReaderStates"))
     yield AT_RETURN
     yield from _readers(OUT, c.exit.readers.get("rgReaderStates"))
 
 
-def _pci(direction: str, c: Call, f: Format, name: str, phase):
-    for fld in ("dwProtocol", "cbPciLength"):
-        label = "%s.%s: " % (name, fld)
-        yield direction, f.masked(label, ptr_long(phase.word("%s.%s" % (name, fld))))
+def _pci(direction: str, f: Format, fields, phase) -> list:
+    """A SCARD_IO_REQUEST's two fields: fields is _SEND_PCI or _RECV_PCI."""
+    return [(direction, f.masked(label, ptr_long(phase.words.get(word))))
+            for label, word in fields]
+
+
+def _pci_fields(name: str):
+    """(label, word name) of a SCARD_IO_REQUEST's fields."""
+    return tuple(("%s.%s: " % (name, fld), "%s.%s" % (name, fld))
+                 for fld in ("dwProtocol", "cbPciLength"))
+
+
+_SEND_PCI = _pci_fields("pioSendPci")
+_RECV_PCI = _pci_fields("pioRecvPci")
 
 
 def transmit(c: Call, f: Format):
+    args = c.args
     yield _handle(c, f, "hCard")
-    yield from _pci(IN, c, f, "pioSendPci", c.entry)
-    yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
+    yield from _pci(IN, f, _SEND_PCI, c.entry)
+    yield IN, number("bSendLength", args["cbSendLength"])
     yield from _buffer(IN, "bSendBuffer", _shown(c.entry.data.get("pbSendBuffer"),
-                                                 c.args["pbSendBuffer"], c.args["cbSendLength"]))
+                                                 args["pbSendBuffer"], args["cbSendLength"]))
     yield AT_RETURN
-    yield from _pci(OUT, c, f, "pioRecvPci", c.exit)
+    yield from _pci(OUT, f, _RECV_PCI, c.exit)
     length = c.exit.word("pcbRecvLength") or 0
-    yield OUT, with_decimal("bRecvLength", hexl(length))
+    yield OUT, number("bRecvLength", length)
     yield from _buffer(OUT, "bRecvBuffer", _shown(c.exit.data.get("pbRecvBuffer"),
-                                                  c.args["pbRecvBuffer"], length))
+                                                  args["pbRecvBuffer"], length))
 
 
 def control(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     code = c.args["dwControlCode"]
     yield IN, "dwControlCode: %s (%s)" % (f.control_codes.get(code, "UNKNOWN"), hexl(code))
-    yield IN, with_decimal("bSendLength", hexl(c.args["cbSendLength"]))
+    yield IN, number("bSendLength", c.args["cbSendLength"])
     send = _shown(c.entry.data.get("pbSendBuffer"), c.args["pbSendBuffer"],
                   c.args["cbSendLength"])
     yield from _buffer(IN, "bSendBuffer", send)
     yield AT_RETURN
     length = c.exit.word("lpBytesReturned") or 0
-    yield OUT, with_decimal("bRecvLength", hexl(length))
+    yield OUT, number("bRecvLength", length)
     recv = _shown(c.exit.data.get("pbRecvBuffer"), c.args["pbRecvBuffer"], length)
     yield from _buffer(OUT, "bRecvBuffer", recv)
     yield RESULT
@@ -366,7 +388,7 @@ def _parse_control(f: Format, code: int, send: bytes, recv: bytes):
 
 def list_reader_groups(c: Call, f: Format):
     yield _handle(c, f, "hContext")
-    yield IN, with_decimal("pcchGroups:", ptr_long(c.entry.word("pcchGroups")))
+    yield IN, number("pcchGroups:", c.entry.word("pcchGroups"))
     yield AT_RETURN
     yield from _multistring("pcchGroups:", "mszGroups:", c.exit.word("pcchGroups"),
                             c.exit.data.get("mszGroups"))
@@ -395,14 +417,14 @@ def get_attrib(c: Call, f: Format):
     yield _attribute(c)
     yield AT_RETURN
     length = c.exit.word("pcbAttrLen") or 0
-    yield OUT, with_decimal("bAttrLen", hexl(length))
+    yield OUT, number("bAttrLen", length)
     yield from _buffer(OUT, "bAttr", _shown(c.exit.data.get("pbAttr"), c.args["pbAttr"], length))
 
 
 def set_attrib(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield _attribute(c)
-    yield IN, with_decimal("bAttrLen", hexl(c.args["cbAttrLen"]))
+    yield IN, number("bAttrLen", c.args["cbAttrLen"])
     yield from _buffer(IN, "bAttr", _shown(c.entry.data.get("pbAttr"), c.args["pbAttr"],
                                            c.args["cbAttrLen"]))
 
@@ -435,14 +457,14 @@ class TextSink:
         self.annotator = annotator   # --apdu: an annotate.Annotator
         self._threads: Dict[tuple, "_Thread"] = {}
         self._running: Dict[int, tuple] = {}   # id(call) -> (generator, thread)
+        self._results: Dict[int, str] = {}     # result code -> its text
 
     # -- Assembler sink (after Stats has seen the call) --
     def enter(self, call: Call) -> None:
         th = self._thread(call)
         gen = call.fn.render(call, th.format)
         self._running[id(call)] = (gen, th)
-        self._run(gen, th, call, until_return=True,
-                  lines=[th.indent + self._paint(COLOR_BLUE, call.name)])
+        self._run(gen, th, call, until_return=True, lines=[th.names[call.name]])
 
     def leave(self, call: Call) -> None:
         gen, th = self._running.pop(id(call))
@@ -458,25 +480,18 @@ class TextSink:
         competes for the CPUs with what it traces."""
         lines = [] if lines is None else lines
         add = lines.append
-        indent = th.indent
+        prefix, suffix = th.prefix, th.suffix
         returned = call
         for item in gen:
-            if item is AT_RETURN:
+            if item.__class__ is tuple:   # (direction, text): most items
+                direction, text = item
+                add(text if direction is RAW else prefix[direction] + text + suffix)
+            elif item is AT_RETURN:
                 if until_return:
                     break
-                continue
-            if item is RESULT:
+            elif item is RESULT:
                 add(self._result(th, call))
                 call = None  # printed
-                continue
-            direction, text = item
-            if direction == RAW:
-                add(text)
-            elif self.color:
-                color = COLOR_GREEN if direction == IN else COLOR_MAGENTA
-                add(indent + self._paint(color, " %s %s" % (direction, text)))
-            else:
-                add("%s %s %s" % (indent, direction, text))
         else:
             if not until_return and call is not None:
                 add(self._result(th, call))
@@ -493,15 +508,21 @@ class TextSink:
                 for line in [note.head] + ["  " + d for d in note.details]]
 
     def _result(self, th, call: Call) -> str:
-        rv = call.rv
-        if self.result_dialect == "2.2":
-            data = " => %s [%s] " % (K.rv_name(rv), K.rv_hex(rv))
-        else:
-            data = " => %s (%s [%s]) " % (K.rv_text(rv), K.rv_name(rv), K.rv_hex(rv))
         time = " [??.??]" if self.diffable else " [%s]" % elapsed(call.duration_ns)
-        if rv != K.SCARD_S_SUCCESS:
-            data = self._paint(COLOR_RED, data)
-        return th.indent + data + time
+        return th.indent + self._result_text(call.rv) + time
+
+    def _result_text(self, rv: int) -> str:
+        """The result's text, worked out once per result code."""
+        data = self._results.get(rv)
+        if data is None:
+            if self.result_dialect == "2.2":
+                data = " => %s [%s] " % (K.rv_name(rv), K.rv_hex(rv))
+            else:
+                data = " => %s (%s [%s]) " % (K.rv_text(rv), K.rv_name(rv), K.rv_hex(rv))
+            if rv != K.SCARD_S_SUCCESS:
+                data = self._paint(COLOR_RED, data)
+            self._results[rv] = data
+        return data
 
     def _paint(self, color: str, text: str) -> str:
         return color + text + COLOR_NORMAL if self.color else text
@@ -517,7 +538,7 @@ class TextSink:
             indent = " " * (number * 4)
             if self.show_thread:
                 indent += " (t%d) " % number
-            th = self._threads[key] = _Thread(indent, Format(self.diffable))
+            th = self._threads[key] = _Thread(indent, Format(self.diffable), self.color)
             if self.stats.several_processes:
                 self._print("%s[%s]" % (indent, self._who(call.pid, call.tid, call.comm)))
         return th
@@ -551,8 +572,27 @@ class TextSink:
 
 
 class _Thread:
-    """What the text needs per thread: its indent, pcsc-spy's feature map."""
+    """What the text needs per thread: its indent, pcsc-spy's feature map,
+    and what goes around the text of an IN or OUT line (worked out once)."""
 
-    def __init__(self, indent: str, fmt: Format):
+    def __init__(self, indent: str, fmt: Format, color: bool = False):
         self.indent = indent
         self.format = fmt
+        colors = {IN: COLOR_GREEN, OUT: COLOR_MAGENTA} if color else {IN: "", OUT: ""}
+        self.prefix = {d: "%s%s %s " % (indent, colors[d], d) for d in (IN, OUT)}
+        self.suffix = COLOR_NORMAL if color else ""
+        # A call's first line: its name, indented (and painted).
+        self.names = _Names(indent + COLOR_BLUE if color else indent, self.suffix)
+
+
+class _Names(dict):
+    """Function name -> its line, made at the first call."""
+
+    def __init__(self, before: str, after: str):
+        super().__init__()
+        self.before = before
+        self.after = after
+
+    def __missing__(self, name: str) -> str:
+        line = self[name] = self.before + name + self.after
+        return line
