@@ -76,7 +76,7 @@ CLIENT_SRC = TESTS / "clients" / "pcsc_client.c"
 START_TIMEOUT = 120.0     # the machine may be very busy
 RUN_TIMEOUT = 600.0
 
-FULL = dict(isvalid_calls=200_000, isvalid_rounds=5, loop_calls=2_000, loop_pairs=9,
+FULL = dict(isvalid_calls=200_000, isvalid_rounds=7, loop_calls=2_000, loop_pairs=15,
             burst_calls=50_000)
 QUICK = dict(isvalid_calls=2_000, isvalid_rounds=1, loop_calls=50, loop_pairs=1,
              burst_calls=2_000)
@@ -285,6 +285,7 @@ class TracerRun:
         self.out_path = Path(workdir) / ("trace-%s.txt" % tag)
         self.err_lines = []
         self.at_start = {}
+        self.memory = (None, None)   # (VmHWM, RssAnon) last seen
         self._ready = threading.Event()
         argv = [sys.executable, "-m", "ebpf_pcsc", "-p", str(pid), "--lib", lib, "-n", *extra]
         with open(self.out_path, "w") as out:
@@ -327,6 +328,7 @@ class TracerRun:
         still_since = time.monotonic()
         deadline = still_since + timeout
         while time.monotonic() < deadline:
+            self._look_at_memory()
             now = (counter.update(), self.cpu_s())
             if now[0] >= expected:
                 return
@@ -336,12 +338,23 @@ class TracerRun:
                 return
             time.sleep(0.1)
 
+    def _look_at_memory(self):
+        """Keep its memory figures while it runs: with -p it ends by itself
+        once the client has ended, maybe before stop() looks (the status of
+        a process that has exited has none)."""
+        try:
+            # Its own memory: VmHWM also counts the pages it maps, the shared
+            # libraries (LLVM) and the kernel's ring buffer (mapped twice).
+            now = (_vm_kib(self.proc.pid), _vm_kib(self.proc.pid, "RssAnon"))
+        except OSError:
+            return
+        if None not in now:
+            self.memory = now
+
     def stop(self, fn):
         """SIGINT, wait for the summary; the figures of this run."""
-        hwm = _vm_kib(self.proc.pid)
-        # Its own memory: VmHWM also counts the pages it maps, the shared
-        # libraries (LLVM) and the kernel's ring buffer (mapped twice).
-        anon = _vm_kib(self.proc.pid, "RssAnon")
+        self._look_at_memory()
+        hwm, anon = self.memory
         self.proc.send_signal(signal.SIGINT)
         try:
             code = self.proc.wait(60)
