@@ -24,7 +24,7 @@ _WORD0 = _WORDS.start
 _BUF = _WORDS.stop            # where buf starts in a call record's values
 
 
-@dataclass
+@dataclass(slots=True)
 class Captured:
     """A buffer or string read from the traced process."""
     data: Optional[bytes]     # None: NULL pointer or unreadable
@@ -45,7 +45,7 @@ class Captured:
             self.data is not None and len(self.data) < self.total)
 
 
-@dataclass
+@dataclass(slots=True)
 class ReaderState:
     reader: Optional[str]     # None: NULL szReader
     current_state: int
@@ -55,7 +55,7 @@ class ReaderState:
     name_captured: bool = True   # False past PCSC_MAX_READERS
 
 
-@dataclass
+@dataclass(slots=True)   # slots: one object per call phase
 class Phase:
     words: Dict[str, Optional[int]] = field(default_factory=dict)
     data: Dict[str, Captured] = field(default_factory=dict)
@@ -71,7 +71,7 @@ class Phase:
         return cap.data.decode("utf-8", "replace")
 
 
-@dataclass
+@dataclass(slots=True)   # slots: one object per call phase
 class Call:
     fn: Function
     pid: int
@@ -179,6 +179,7 @@ class Assembler:
         self._chunks: Dict[Tuple[int, int], Dict[Tuple[int, int], _Chunks]] = {}
         self._open: Dict[Tuple[int, int], Call] = {}
         self._early: Dict[Tuple[int, int], bytes] = {}
+        self._comms: Dict[bytes, str] = {}   # a thread's name as sent -> as shown
         self.latest_ts = 0
 
     # A RETURN waits for its ENTER only as long as another CPU's buffer can
@@ -220,8 +221,10 @@ class Assembler:
             rec = _CALL.unpack_from(raw, _HEAD.size)
             fn = self.functions[func]
             args = rec[_ARGS]
-            call = Call(fn, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                        call_ts, dict(zip(fn.args, args)),
+            name = self._comms.get(comm)
+            if name is None:
+                name = self._comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+            call = Call(fn, pid, tid, name, call_ts, dict(zip(fn.args, args)),
                         self._phase(key, self._plans[func][0], rec, args, raw))
             self._open[key] = call
             self.sink.enter(call)
@@ -254,11 +257,14 @@ class Assembler:
         valid = rec[1]
         for name, slot in plan.words:
             phase.words[name] = rec[_WORD0 + slot] if valid >> slot & 1 else None
-        if not (plan.buffers or plan.readers):
-            return phase
-        inline = _inline(raw, rec)
-        chunks = self._chunks.get(key, {})
+        if plan.buffers or plan.readers:
+            self._buffers(phase, plan, _inline(raw, rec), self._chunks.get(key, {}), args)
+        return phase
 
+    @staticmethod
+    def _buffers(phase: Phase, plan: _PhasePlan, inline, chunks, args: Sequence[int]) -> None:
+        """A phase's buffers: the one its record carries (inline), the
+        others from their DATA records (chunks, taken out)."""
         def take(fld: int, index: int) -> Optional[Captured]:
             if inline is not None and inline[:2] == (fld, index):
                 return inline[2]
@@ -274,7 +280,6 @@ class Assembler:
             names = {i: take(fld, i) for (f, i) in list(chunks) if f == fld}
             phase.readers[name] = (None if structs is None else
                                    _parse_readerstates(structs, names, args[count]))
-        return phase
 
     def pending(self) -> List[Call]:
         """Calls that started and have not returned (yet)."""

@@ -84,15 +84,13 @@ def hexdump(data: bytes, width: int = 16) -> List[str]:
     # slices: not a format per byte (a 65 KB extended APDU is 4,000 lines).
     hexes = data.hex(" ").upper()
     text = data.translate(_PRINTABLE).decode("ascii")
-    pad = "   " * (-len(data) % width)
+    full = len(data) - len(data) % width
     lines = ["%04X %s %s" % (offset, hexes[3 * offset:3 * (offset + width) - 1],
                              text[offset:offset + width])
-             for offset in range(0, len(data), width)]
-    if pad:
+             for offset in range(0, full, width)]
+    if full < len(data):
         # The last line's hex column is padded to the full width.
-        offset = len(lines) - 1
-        start = offset * width
-        lines[-1] = "%04X %s %s" % (start, hexes[3 * start:] + pad, text[start:])
+        lines.append("%04X %-*s %s" % (full, 3 * width - 1, hexes[3 * full:], text[full:]))
     return lines
 
 
