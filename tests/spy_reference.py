@@ -150,6 +150,26 @@ def render(raw: str, *options: str, timeout: float = 120) -> Rendered:
     return Rendered(p.stdout, p.stderr, p.returncode)
 
 
+def torn(text: str) -> bool:
+    """Whether pcsc-spy tore a line.  It prints each traced thread's calls
+    from a Python thread of its own, and print() writes a line, then its
+    newline: with several threads, a line can come out with another
+    thread's line glued to it, then the two newlines (an empty line among
+    the call lines, which never hold one).  The log is not at fault: the
+    same log rendered again usually comes out whole."""
+    calls, _ = split_summary(text)
+    return "" in calls
+
+
+def render_whole(raw: str, *options: str, attempts: int = 10) -> Rendered:
+    """render(), again while pcsc-spy tears a line (see torn())."""
+    for _ in range(attempts):
+        rendered = render(raw, *options)
+        if not torn(rendered.stdout):
+            break
+    return rendered
+
+
 # -- the raw log --------------------------------------------------------------
 
 _ENTER = re.compile(r"^>\|\d+\|\d+\|(\w+)$")

@@ -187,16 +187,16 @@ def runs(session_stack, client_bin):
             if name == "ctypes":
                 continue
             recorded = ref.record(stack, argv)
-            result.spy[name] = Reference(recorded, ref.render(recorded.raw))
+            result.spy[name] = Reference(recorded, ref.render_whole(recorded.raw))
         # (§5) the same workload again: what -d leaves unmasked changes.
         recorded = ref.record(stack, workloads["attrs"])
-        result.spy["attrs_again"] = Reference(recorded, ref.render(recorded.raw))
+        result.spy["attrs_again"] = Reference(recorded, ref.render_whole(recorded.raw))
         # (§11) a dlopen() client: LD_PRELOAD does not reach it; a private
         # libpcsclite.so.1 -> libpcscspy (install_spy.sh's way) does.
         recorded = ref.record(stack, workloads["ctypes"])
         result.spy["ctypes_preload"] = Reference(recorded, ref.Rendered("", "", 0))
         recorded = ref.record(stack, workloads["ctypes"], redirect=True)
-        result.spy["ctypes"] = Reference(recorded, ref.render(recorded.raw))
+        result.spy["ctypes"] = Reference(recorded, ref.render_whole(recorded.raw))
         for o in result.ours.values():
             o.collect()
         yield result

@@ -546,9 +546,22 @@ def test_live_same_text_as_pcsc_spy(live, name):
     compare(live[name], spy.stdout, name)
 
 
+def test_torn_pcsc_spy_text_is_recognised():
+    """pcsc-spy's threads can glue one line to another (see ref.torn): the
+    live multi-thread comparisons render such a log again."""
+    whole = ("SCardCancel\n i hContext: 0x????\n     o szReader: Virtual PCD 00 00\n"
+             " => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]\n"
+             "\nThread 1/2\n")
+    torn = ("SCardCancel\n i hContext: 0x????     o szReader: Virtual PCD 00 00\n\n"
+            " => Command successful. (SCARD_S_SUCCESS [0x00000000])  [??.??]\n"
+            "\nThread 1/2\n")
+    assert not ref.torn(whole)
+    assert ref.torn(torn)
+
+
 @pytest.mark.parametrize("name", ["blocked", "threads_2_3"])
 def test_live_several_threads_same_text_per_thread(live, name):
-    spy = ref.render(live[name])
+    spy = ref.render_whole(live[name])
     assert not spy.crashed, spy.stderr
     compare(live[name], spy.stdout, name, threads=True)
     threads = {c.tid for c in spylog.read_calls(LOG, live[name].splitlines(keepends=True))}
