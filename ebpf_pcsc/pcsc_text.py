@@ -84,6 +84,8 @@ def hexdump(data: bytes, width: int = 16) -> List[str]:
     # slices: not a format per byte (a 65 KB extended APDU is 4,000 lines).
     hexes = data.hex(" ").upper()
     text = data.translate(_PRINTABLE).decode("ascii")
+    if len(data) <= width:   # most APDUs and answers: one line
+        return ["0000 %-*s %s" % (3 * width - 1, hexes, text)] if data else []
     full = len(data) - len(data) % width
     lines = ["%04X %s %s" % (offset, hexes[3 * offset:3 * (offset + width) - 1],
                              text[offset:offset + width])
@@ -150,7 +152,10 @@ def _buffer(direction: str, label: str, data: Optional[bytes]) -> list:
         return [(direction, label), (direction, " (not captured: events were lost)")]
     if data is None:
         return [(direction, label), (direction, " NULL")]
-    return [(direction, label)] + [(direction, " " + line) for line in hexdump(data)]
+    lines = [(direction, label)]
+    for line in hexdump(data):
+        lines.append((direction, " " + line))
+    return lines
 
 
 def _multistring(size_name: str, field_name: str, length: Optional[int],
