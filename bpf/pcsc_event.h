@@ -71,11 +71,10 @@ struct pcsc_head {
 struct pcsc_buffer {
 	__u32 total;              /* length of the whole buffer */
 	__u32 offset;             /* of these bytes in the buffer */
-	__u32 len;                /* bytes in data[] */
+	__u16 len;                /* bytes in data[]: at most PCSC_CHUNK */
 	__u16 field;              /* index of the capture in the function's row */
 	__u16 index;              /* element (reader names of SCARD_READERSTATE) */
 	__u16 flags;              /* enum pcsc_data_flags */
-	__u16 pad[3];
 };
 
 /* ENTER and RETURN: the call's registers and the words read through its

@@ -117,10 +117,9 @@ BPF_PERCPU_ARRAY(scratch_data, struct pcsc_data, 1);
 BPF_HASH(traced_pids, u32, u8, 4096);
 #endif
 
-static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
+/* id: bpf_get_current_pid_tgid(), which the caller has at hand. */
+static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func, u64 id)
 {
-	u64 id = bpf_get_current_pid_tgid();
-
 	h->ts = bpf_ktime_get_ns();
 	h->call_ts = h->ts;
 	h->pid = id >> 32;
@@ -136,10 +135,11 @@ static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func)
  * application's own, is reported). */
 static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 func)
 {
+	u64 id = bpf_get_current_pid_tgid();
 	struct pcsc_call *c;
 
 #ifdef PCSC_FILTER_PIDS
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = id >> 32;
 	if (!traced_pids.lookup(&pid))
 		return NULL;
 #endif
@@ -159,7 +159,7 @@ static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 fun
 	/* Not the inline bytes: only buf.len of them are sent. */
 	__builtin_memset(&c->rv, 0, offsetof(struct pcsc_call, data) - offsetof(struct pcsc_call, rv));
 	c->buf.field = PCSC_NO_FIELD;
-	fill_head(&c->head, PCSC_REC_ENTER, func);
+	fill_head(&c->head, PCSC_REC_ENTER, func, id);
 	c->args[0] = PT_REGS_PARM1(ctx);
 	c->args[1] = PT_REGS_PARM2(ctx);
 	c->args[2] = PT_REGS_PARM3(ctx);
@@ -529,13 +529,14 @@ static __always_inline void emit_load(void *ctx, void *data, u32 size)
 static __always_inline void notify(void *ctx, u16 kind)
 {
 	struct pcsc_head h = {};
+	u64 id = bpf_get_current_pid_tgid();
 
 #ifdef PCSC_FILTER_PIDS
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = id >> 32;
 	if (!traced_pids.lookup(&pid))
 		return;
 #endif
-	fill_head(&h, kind, 0);
+	fill_head(&h, kind, 0, id);
 	bpf_get_current_comm(&h.comm, sizeof(h.comm));
 	emit_load(ctx, &h, sizeof(h));
 }

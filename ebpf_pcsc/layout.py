@@ -59,11 +59,10 @@ class Buffer(ctypes.Structure):
     _fields_ = [
         ("total", ctypes.c_uint32),
         ("offset", ctypes.c_uint32),
-        ("len", ctypes.c_uint32),
+        ("len", ctypes.c_uint16),
         ("field", ctypes.c_uint16),
         ("index", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16 * 3),
     ]
 
 
@@ -102,8 +101,8 @@ _CHARS = {ctypes.c_uint64: "Q", ctypes.c_int64: "q", ctypes.c_uint32: "I",
 def _format(struct_type, first: str = None, stop: str = None) -> struct.Struct:
     """The fields of struct_type from `first` (default: the first) up to
     `stop` (excluded; default: the end, with the trailing padding), each a
-    value (arrays: one per element, char arrays: one bytes); padding, and
-    the fields named pad, as such."""
+    value (arrays: one per element, char arrays: one bytes; a struct: its
+    fields); padding as such."""
     names = [f[0] for f in struct_type._fields_]
     fields = struct_type._fields_[names.index(first) if first else 0:
                                   names.index(stop) if stop else None]
@@ -113,9 +112,6 @@ def _format(struct_type, first: str = None, stop: str = None) -> struct.Struct:
         offset = getattr(struct_type, name).offset
         fmt += "%dx" % (offset - pos) if offset > pos else ""
         pos = offset + ctypes.sizeof(ftype)
-        if name == "pad":
-            fmt += "%dx" % ctypes.sizeof(ftype)
-            continue
         if issubclass(ftype, ctypes.Structure):   # its fields, in line
             fmt += _format(ftype).format.lstrip("<")
             continue

@@ -197,6 +197,8 @@ def test_limits_are_consistent():
     # in inline_bytes and emit_call
     assert L.PCSC_CHUNK & (L.PCSC_CHUNK - 1) == 0
     assert L.PCSC_INLINE & (L.PCSC_INLINE - 1) == 0
+    # struct pcsc_buffer's len is a __u16
+    assert max(L.PCSC_CHUNK, L.PCSC_INLINE, L.PCSC_MAX_STRING) < 1 << 16
     # The longest short APDU (5 + 255 + 1 bytes) and response (256 + 2)
     # travel in their call's records
     assert L.PCSC_INLINE > 261
