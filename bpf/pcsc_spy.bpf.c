@@ -68,9 +68,21 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
 }
 #endif
 
-/* The call in flight on each thread, from entry to return.  A record whose
- * head.call_ts is 0 is idle.  inflight_get(1) creates the thread's record
+/* The call in flight on each thread, from entry to return (a record whose
+ * head.call_ts is 0 is idle), and what the kernel side keeps about the
+ * thread from call to call.  inflight_get(1) creates the thread's state
  * when it has none. */
+struct inflight {
+	struct pcsc_call call;
+	u32 filter;               /* enum filter_state: is this thread's process traced? */
+};
+
+enum filter_state {
+	FILTER_UNKNOWN = 0,       /* not looked up yet */
+	FILTER_TRACED = 1,
+	FILTER_NOT_TRACED = 2,
+};
+
 #ifdef PCSC_INFLIGHT_HASH
 /* Before Linux 6.2 a task-storage lookup fails whenever another task-storage
  * operation holds the CPU's busy counter (a preempted one, of any program):
@@ -78,13 +90,13 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
  * good.  There, a hash map by thread id; LRU, so that threads that are gone
  * make room (8,192 threads at a time: the value is 700 bytes, and an LRU
  * hash allocates them all at once). */
-BPF_TABLE("lru_hash", u32, struct pcsc_call, inflight, 8192);
-BPF_PERCPU_ARRAY(inflight_zero, struct pcsc_call, 1);   /* all zeros: a new record */
+BPF_TABLE("lru_hash", u32, struct inflight, inflight, 8192);
+BPF_PERCPU_ARRAY(inflight_zero, struct inflight, 1);   /* all zeros: a new record */
 
-static __always_inline struct pcsc_call *inflight_get(int create)
+static __always_inline struct inflight *inflight_get(int create)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid(), zero = 0;
-	struct pcsc_call *c = inflight.lookup(&tid), *blank;
+	struct inflight *c = inflight.lookup(&tid), *blank;
 
 	if (c || !create)
 		return c;
@@ -97,14 +109,22 @@ static __always_inline struct pcsc_call *inflight_get(int create)
 #else
 /* In the thread's own storage: no hashing, no allocation per call, and it
  * goes away with the thread. */
-BPF_TASK_STORAGE(inflight, struct pcsc_call);
+BPF_TASK_STORAGE(inflight, struct inflight);
 
-static __always_inline struct pcsc_call *inflight_get(int create)
+static __always_inline struct inflight *inflight_get(int create)
 {
 	return inflight.task_storage_get(bpf_get_current_task_btf(), NULL,
 					 create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 #endif
+
+/* The thread's in-flight call record, NULL when it has none. */
+static __always_inline struct pcsc_call *inflight_call(void)
+{
+	struct inflight *f = inflight_get(0);
+
+	return f ? &f->call : NULL;
+}
 
 /* Scratch space: a RETURN record and a DATA chunk are far larger than the
  * 512-byte BPF stack. */
@@ -136,16 +156,32 @@ static __always_inline void fill_head(struct pcsc_head *h, u16 kind, u16 func, u
 static __always_inline struct pcsc_call *call_begin(struct pt_regs *ctx, u32 func)
 {
 	u64 id = bpf_get_current_pid_tgid();
+	struct inflight *f;
 	struct pcsc_call *c;
 
-#ifdef PCSC_FILTER_PIDS
+#if defined(PCSC_FILTER_PIDS) && defined(PCSC_INFLIGHT_HASH)
+	/* Untraced threads get no record: they would crowd the LRU. */
 	u32 pid = id >> 32;
 	if (!traced_pids.lookup(&pid))
 		return NULL;
 #endif
-	c = inflight_get(1);
-	if (!c)
+	f = inflight_get(1);
+	if (!f)
 		return NULL;
+#if defined(PCSC_FILTER_PIDS) && !defined(PCSC_INFLIGHT_HASH)
+	/* Whether the process is traced, looked up at the thread's first call
+	 * only: a process is traced from its start (its pid is in traced_pids
+	 * before the probes are attached, or before it runs when it is forked)
+	 * to its end, and its threads' storage goes away with them. */
+	if (f->filter == FILTER_UNKNOWN) {
+		u32 pid = id >> 32;
+
+		f->filter = traced_pids.lookup(&pid) ? FILTER_TRACED : FILTER_NOT_TRACED;
+	}
+	if (f->filter != FILTER_TRACED)
+		return NULL;
+#endif
+	c = &f->call;
 	if (c->head.call_ts) {
 		c->depth++;
 		return NULL;
@@ -180,7 +216,7 @@ static __always_inline struct pcsc_call *call_end(struct pt_regs *ctx, struct pc
 	u32 zero = 0;
 	struct pcsc_call *c, *r;
 
-	c = inflight_get(0);
+	c = inflight_call();
 	if (!c || !c->head.call_ts)
 		return NULL;
 	if (c->depth) {
@@ -462,7 +498,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (tid == id >> 32)
 		traced_pids.delete(&tid);
 #endif
-	c = inflight_get(0);
+	c = inflight_call();
 	if (!c)
 		return 0;
 	if (c->head.call_ts) {
@@ -559,7 +595,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 
 	inflight.delete(&old_tid);
 #else
-	struct pcsc_call *c = inflight_get(0);
+	struct pcsc_call *c = inflight_call();
 
 	if (c)
 		c->head.comm[0] = 0;
