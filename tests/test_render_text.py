@@ -724,6 +724,23 @@ def test_hexdump_edge_cases():
         "0000 20 21 22 23 24 25 26 27 28 29 2A 2B 2C 2D 2E 2F  !\"#$%&'()*+,-./"]
 
 
+@pytest.mark.parametrize("length", list(range(0, 50)) + [4103, 65007])
+def test_hexdump_as_pcsc_spy_byte_by_byte(length):
+    """hexdump() works on whole buffers and has a path for one line: the
+    same lines as pcsc-spy's byte-by-byte dump, whatever the length."""
+    data = bytes((i * 37 + 11) & 0xFF for i in range(length))
+    # spy_hexdump(prefix, ...) puts a space after the prefix
+    expected = [line[1:] for line in spy_hexdump("", data).split("\n")] if data else []
+    assert T.hexdump(data) == expected
+
+
+@pytest.mark.parametrize("value", [0, 5, 0x7FFFFFFF, 0x80100002, 0xFFFFFFFF, 1 << 32,
+                                   0xFFFFFFFFFFFFFFFF, -1, None])
+def test_number_is_the_value_then_its_decimal(value):
+    """number(h, v): what with_decimal(h, ptr_long(v)) prints, formatted once."""
+    assert T.number("bRecvLength", value) == T.with_decimal("bRecvLength", T.ptr_long(value))
+
+
 def _transmit(send, recv):
     return make_call("SCardTransmit", {"hCard": 1, "cbSendLength": len(send)},
                      entry=Phase(words={"pioSendPci.dwProtocol": 2, "pioSendPci.cbPciLength": 16},
