@@ -10,8 +10,9 @@
  * complete when it sees it.  It carries one buffer of the phase itself,
  * the first one shorter than PCSC_INLINE (a short APDU and its response:
  * each record costs the traced thread, and the tracer, more than its bytes);
- * the other buffers, and longer ones, travel in DATA records.  A thread may migrate between entry and return:
- * user space matches the phases by (tid, call_ts), never by arrival order.
+ * the other buffers, and longer ones, travel in DATA records.  A thread may
+ * migrate between entry and return: user space matches the phases by (tid,
+ * call_ts), never by arrival order.
  *
  * Fixed-size fields first, variable-length data last.
  */
@@ -50,7 +51,7 @@ enum pcsc_count {
 	PCSC_COUNTS = 3,
 };
 
-/* DATA record flags */
+/* struct pcsc_buffer flags (DATA records, and a call record's buffer) */
 enum pcsc_data_flags {
 	PCSC_DATA_NULL = 1,       /* the pointer was NULL: nothing read */
 	PCSC_DATA_FAULT = 2,      /* the memory could not be read */

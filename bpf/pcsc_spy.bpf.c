@@ -72,15 +72,17 @@ static __always_inline void emit(void *ctx, void *data, u32 size)
  * head.call_ts is 0 is idle), and what the kernel side keeps about the
  * thread from call to call.  inflight_get(1) creates the thread's state
  * when it has none. */
-struct inflight {
-	struct pcsc_call call;
-	u32 filter;               /* enum filter_state: is this thread's process traced? */
-};
-
 enum filter_state {
 	FILTER_UNKNOWN = 0,       /* not looked up yet */
 	FILTER_TRACED = 1,
 	FILTER_NOT_TRACED = 2,
+};
+
+struct inflight {
+	struct pcsc_call call;
+	/* enum filter_state: is this thread's process traced (-p, command
+	 * mode)?  Task storage only: the LRU hash filters first. */
+	u32 filter;
 };
 
 #ifdef PCSC_INFLIGHT_HASH
@@ -88,7 +90,7 @@ enum filter_state {
  * operation holds the CPU's busy counter (a preempted one, of any program):
  * a RETURN that misses its record would leave the thread "in a call" for
  * good.  There, a hash map by thread id; LRU, so that threads that are gone
- * make room (8,192 threads at a time: the value is 700 bytes, and an LRU
+ * make room (8,192 threads at a time: the value is 704 bytes, and an LRU
  * hash allocates them all at once). */
 BPF_TABLE("lru_hash", u32, struct inflight, inflight, 8192);
 BPF_PERCPU_ARRAY(inflight_zero, struct inflight, 1);   /* all zeros: a new record */
@@ -504,6 +506,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (c->head.call_ts) {
 		c->head.kind = PCSC_REC_ABORT;
 		c->head.ts = bpf_ktime_get_ns();
+		/* Sent without the entry's inline bytes: its buf says so. */
+		c->buf.field = PCSC_NO_FIELD;
+		c->buf.len = 0;
 		emit(ctx, c, offsetof(struct pcsc_call, data));
 		c->head.call_ts = 0;
 	}

@@ -7,6 +7,7 @@ different CPUs, so a RETURN can arrive before its ENTER: it waits until the
 ENTER is seen.
 """
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +24,12 @@ _WORDS = slice(3 + L.PCSC_MAX_ARGS, 3 + L.PCSC_MAX_ARGS + L.PCSC_MAX_WORDS)
 _WORD0 = _WORDS.start
 _BUF = _WORDS.stop            # where buf starts in a call record's values
 
+# A few objects per call: with __slots__ where dataclasses can make them
+# (Python >= 3.10; the project runs on 3.9 too).
+_SLOTS = {"slots": True} if sys.version_info >= (3, 10) else {}
 
-@dataclass(slots=True)
+
+@dataclass(**_SLOTS)
 class Captured:
     """A buffer or string read from the traced process."""
     data: Optional[bytes]     # None: NULL pointer or unreadable
@@ -45,7 +50,7 @@ class Captured:
             self.data is not None and len(self.data) < self.total)
 
 
-@dataclass(slots=True)
+@dataclass(**_SLOTS)
 class ReaderState:
     reader: Optional[str]     # None: NULL szReader
     current_state: int
@@ -55,7 +60,7 @@ class ReaderState:
     name_captured: bool = True   # False past PCSC_MAX_READERS
 
 
-@dataclass(slots=True)   # slots: one object per call phase
+@dataclass(**_SLOTS)
 class Phase:
     words: Dict[str, Optional[int]] = field(default_factory=dict)
     data: Dict[str, Captured] = field(default_factory=dict)
@@ -71,7 +76,7 @@ class Phase:
         return cap.data.decode("utf-8", "replace")
 
 
-@dataclass(slots=True)   # slots: one object per call phase
+@dataclass(**_SLOTS)
 class Call:
     fn: Function
     pid: int

@@ -49,7 +49,7 @@ class Function:
 
     @property
     def captures(self) -> Tuple[Capture, ...]:
-        """Entry then exit captures: a DATA record's field is an index here."""
+        """Entry then exit captures: a buffer's field is an index here."""
         return self.entry + self.exit
 
     def words(self, phase: Tuple[Capture, ...]) -> Tuple[Word, ...]:

@@ -11,8 +11,9 @@ what every call needs around them.  The programs that run those:
   pair per function, attached as one perf event each (uprobes.attach_perf),
   in which the index is a constant (the compiler keeps that case only).
 
-A DATA record's `field` is the capture's index in Function.captures; a
-Word's slot is its index among the Words of its phase.
+A buffer's `field` (struct pcsc_buffer, in a DATA record or a call
+record) is the capture's index in Function.captures; a Word's slot is its
+index among the Words of its phase.
 """
 from pathlib import Path
 from typing import Optional, Sequence, Tuple

@@ -495,6 +495,8 @@ class TextSink:
             elif item is RESULT:
                 add(self._result(th, call))
                 call = None  # printed
+            else:  # pragma: no cover - a renderer's mistake
+                raise TypeError("a renderer yielded %r" % (item,))
         else:
             if not until_return and call is not None:
                 add(self._result(th, call))
