@@ -487,6 +487,23 @@ static __always_inline int on_return(struct pt_regs *ctx, u32 func)
 	return 0;
 }
 
+#ifdef PCSC_FILTER_PIDS
+/* Whether the exiting thread is its process's last: do_exit() has already
+ * counted it out of signal->live.  Read at the running kernel's offsets
+ * (from its BTF), like the fork probe's tgid. */
+static __always_inline int last_thread(void)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *signal = NULL;
+	int live = 1;
+
+	bpf_probe_read_kernel(&signal, sizeof(signal), task + PCSC_TASK_SIGNAL_OFFSET);
+	if (signal)
+		bpf_probe_read_kernel(&live, sizeof(live), signal + PCSC_SIGNAL_LIVE_OFFSET);
+	return live == 0;
+}
+#endif
+
 /* A thread that ends inside a call never returns from it: report the call
  * as aborted and forget it, so nothing in flight outlives its thread. */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
@@ -496,9 +513,14 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	struct pcsc_call *c;
 
 #ifdef PCSC_FILTER_PIDS
-	/* The process is gone: its pid may be reused by another one. */
-	if (tid == id >> 32)
-		traced_pids.delete(&tid);
+	/* The process is gone with its last thread, not with its main one,
+	 * which may end first (pthread_exit) or be replaced by an exec from
+	 * another thread: then its pid may be given to another process. */
+	if (last_thread()) {
+		u32 pid = id >> 32;
+
+		traced_pids.delete(&pid);
+	}
 #endif
 	c = inflight_call();
 	if (!c)

@@ -159,5 +159,9 @@ def cflags(filter_pids: bool, discover: bool = False, multi: bool = False,
     if filter_pids:
         from .btf import member_offsets
         flags.append("-DPCSC_FILTER_PIDS")
-        flags.append("-DPCSC_TASK_TGID_OFFSET=%d" % member_offsets("task_struct", ["tgid"])["tgid"])
+        task = member_offsets("task_struct", ["tgid", "signal"])
+        flags.append("-DPCSC_TASK_TGID_OFFSET=%d" % task["tgid"])
+        flags.append("-DPCSC_TASK_SIGNAL_OFFSET=%d" % task["signal"])
+        flags.append("-DPCSC_SIGNAL_LIVE_OFFSET=%d"
+                     % member_offsets("signal_struct", ["live"])["live"])
     return flags

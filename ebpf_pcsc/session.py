@@ -348,21 +348,30 @@ class _Watch:
         if now < self.next:
             return False
         self.next = now + self.PERIOD_S
-        # The kernel forgets a process when its main thread ends (its other
-        # threads may go on): ask /proc about every pid ever traced.
+        # The kernel forgets a process when it ends: ask /proc about every
+        # pid ever traced.
         self.pids.update(self.capture.traced_pids())
         self.pids = {pid for pid in self.pids if _running(pid)}
         return not self.pids
 
 
 def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (ended, not yet reaped)."""
+    """The process exists and one of its threads has not ended: its main
+    thread may end first (pthread_exit), and shows as a zombie until the
+    last one ends."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
+        tids = os.listdir("/proc/%d/task" % pid)
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:][:1] != "Z"
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2:][:1] != "Z":
+            return True
+    return False
 
 
 def _check_command(name: str) -> None:

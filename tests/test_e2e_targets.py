@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 
-from processes import finish, held, start_waiting_client, stopped
+from processes import finish, held, start_waiting_client, stopped, wait_for
 from testbed import PYTHON, TESTS_DIR
 from tracetext import calls_of_client, names_and_rvs, parse_trace
 
@@ -176,6 +176,59 @@ def test_repeated_pid_traces_those_processes_only(spawn, client_bin, tracer):
     assert len(trace.calls) == len(calls_of_client(out_a)) + len(calls_of_client(out_b))
     assert calls_of_client(out_c) and calls_of_client(out_d)  # they did call, untraced
     assert trace.labels == {1: (b.pid, b.pid, "pcsc_client")}
+
+
+def test_pid_stays_traced_when_its_main_thread_ends_first(spawn, client_bin, tracer):
+    """-p: a process is traced until its last thread ends, not its main one.
+    Here the main thread ends (pthread_exit), then another thread makes its
+    calls: they are traced, and the tracer ends by itself once that thread
+    has ended the process.  (The kernel side used to forget the pid when the
+    main thread ended, and the tracer took the zombie main thread for the
+    process's end.)"""
+    p = held(spawn, client_bin, "main-exits-first")
+    t = tracer("-n", "-p", p.pid, "--lib", SYSTEM_LIB)
+    out = finish(p, "\n")
+    assert calls_of_client(out) == [("SCardEstablishContext", "0x00000000"),
+                                    ("SCardIsValidContext", "0x00000000"),
+                                    ("SCardReleaseContext", "0x00000000")]
+    wait_for(lambda: "have ended" in t.stderr_so_far, "the tracer to see the process end")
+    res = t.stop()
+    assert res.returncode == 0, res.stderr
+    trace = parse_trace(res.stdout)
+    assert names_and_rvs(trace.calls) == calls_of_client(out)
+    (thread,) = trace.threads
+    assert thread.tid != p.pid   # not the main thread's calls
+
+
+def _thread_state(pid: int, tid: int) -> str:
+    with open("/proc/%d/task/%d/stat" % (pid, tid)) as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2]
+
+
+def test_the_kernel_forgets_a_process_with_its_last_thread(spawn, client_bin):
+    """The kernel side's list of traced processes keeps a process whose main
+    thread has ended while another thread runs, and drops it when that one
+    ends the process (its pid may then be given to another process)."""
+    from ebpf_pcsc import kheaders, targets
+    from ebpf_pcsc.capture import Capture
+    from ebpf_pcsc.functions import FUNCTIONS
+    kheaders.ensure(lambda message: None)
+    p = held(spawn, client_bin, "main-exits-first")
+    capture = Capture(FUNCTIONS, [targets.for_path(SYSTEM_LIB)], pids=[p.pid])
+    capture.start(lambda count: None)
+    try:
+        assert capture.traced_pids() == [p.pid]
+        p.stdin.write("\n")
+        p.stdin.flush()
+        # the main thread ends at once; the other one calls 300 ms later
+        wait_for(lambda: _thread_state(p.pid, p.pid) == "Z", "the main thread to end")
+        assert capture.traced_pids() == [p.pid]
+        out = finish(p)
+        assert len(calls_of_client(out)) == 3
+        assert capture.traced_pids() == []
+    finally:
+        capture.close()
 
 
 DLOPEN_LATER = """

@@ -869,6 +869,36 @@ static int scenario_threads(long t, long n)
 }
 
 /* ------------------------------------------------------------------ */
+/* scenario: main-exits-first: the main thread ends (pthread_exit), and  */
+/* another thread makes its calls after that, then ends the process.  */
+
+static void *late_thread(void *p)
+{
+	SCARDCONTEXT hContext = 0;
+
+	(void)p;
+	sleep_ms(300);	/* the main thread has ended by then */
+	if (establish(&hContext) == SCARD_S_SUCCESS) {
+		report("SCardIsValidContext", SCardIsValidContext(hContext), SCARD_S_SUCCESS);
+		report("SCardReleaseContext", SCardReleaseContext(hContext), SCARD_S_SUCCESS);
+	}
+	fflush(stdout);
+	exit(failures ? 1 : 0);
+}
+
+static int scenario_main_exits_first(void)
+{
+	pthread_t th;
+
+	if (pthread_create(&th, NULL, late_thread, NULL) != 0) {
+		fail("%s\n", "pthread_create failed");
+		return 1;
+	}
+	fflush(stdout);
+	pthread_exit(NULL);
+}
+
+/* ------------------------------------------------------------------ */
 /* scenario: sleep MS                                                  */
 
 static int scenario_sleep(long ms)
@@ -933,7 +963,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: pcsc_client SCENARIO [ARGS]\n"
 		"  all | errors | nullrecvpci | extended65k | nullargs | attrs | readers16 | blocked |\n"
-		"  loop N | isvalid N | threads T N | sleep MS | wait-then-run\n");
+		"  loop N | isvalid N | threads T N | sleep MS | wait-then-run | main-exits-first\n");
 }
 
 int main(int argc, char **argv)
@@ -983,6 +1013,8 @@ int main(int argc, char **argv)
 		rc = scenario_sleep(parse_count(argv[2], "MS"));
 	else if (!strcmp(sc, "wait-then-run"))
 		rc = scenario_wait_then_run();
+	else if (!strcmp(sc, "main-exits-first"))
+		rc = scenario_main_exits_first();
 	else {
 		usage();
 		return 2;
