@@ -193,7 +193,7 @@ class Capture:
                 raise SpyError("the kernel refuses the BPF program (%s)" % said.gist(),
                                "run with %s=perf, and report it" % ATTACH_ENV)
         if self.pids is not None:
-            table = bpf["traced_pids"]
+            table = bpf[b"traced_pids"]
             for pid in self.pids:
                 table[table.Key(pid)] = table.Leaf(1)
         # The buffers first: what the probes send as soon as they are attached
@@ -208,21 +208,21 @@ class Capture:
         else:
             # Lost records are counted on the kernel side (both ways), and
             # reported by poll().
-            bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
+            bpf[b"events"].open_perf_buffer(self._on_sample, page_cnt=self.perf_pages,
                                            lost_cb=lambda count: None,
                                            wakeup_events=perf_wakeup_events(
                                                self.perf_pages * mmap.PAGESIZE))
             if self.discover:
-                bpf["loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
+                bpf[b"loads"].open_perf_buffer(self._on_load, page_cnt=LOADS_PAGES,
                                               lost_cb=lambda count: None)
         for lib in self.libraries:
             self.attach_library(lib, strict=True)
 
     def _open_rings(self, bpf) -> None:
         # Read by us from the mapped memory (ringbuf.py), not through bcc.
-        self._rings = {"events": RingBuffer(bpf["events"].map_fd)}
+        self._rings = {"events": RingBuffer(bpf[b"events"].map_fd)}
         if self.discover:
-            self._rings["loads"] = RingBuffer(bpf["loads"].map_fd)
+            self._rings["loads"] = RingBuffer(bpf[b"loads"].map_fd)
         # Edge-triggered: a ring buffer polls readable whenever it holds a
         # record, so a level-triggered reader would come back for each few
         # records of a slow stream (a batch's overhead each time, while the
@@ -245,10 +245,10 @@ class Capture:
     def traced_pids(self) -> List[int]:
         """The processes traced (-p and what they started since), as the
         kernel side knows them."""
-        return [key.value for key in self._bpf["traced_pids"].keys()]
+        return [key.value for key in self._bpf[b"traced_pids"].keys()]
 
     def untrace_pid(self, pid: int) -> None:
-        table = self._bpf["traced_pids"]
+        table = self._bpf[b"traced_pids"]
         try:
             del table[table.Key(pid)]
         except KeyError:
@@ -387,7 +387,7 @@ class Capture:
 
     def _news(self, which: int) -> int:
         """How much a kernel-side count grew since the last look."""
-        total = sum(self._bpf["counts"][which])
+        total = sum(self._bpf[b"counts"][which])
         news, self._counted[which] = total - self._counted[which], total
         return news
 
