@@ -27,8 +27,11 @@ def member_offsets(struct_name: str, members, path: str = VMLINUX) -> Dict[str, 
     """Byte offsets of `members` in `struct struct_name`."""
     with open(path, "rb") as f:
         blob = f.read()
+    header = struct.Struct("<HBBIIIII")
+    if len(blob) < header.size:
+        raise BTFError("%s is not BTF" % path)
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
-        struct.unpack_from("<HBBIIIII", blob)
+        header.unpack_from(blob)
     if magic != BTF_MAGIC:
         raise BTFError("%s is not BTF" % path)
     types = hdr_len + type_off

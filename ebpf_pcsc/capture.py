@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 from . import codegen, ringbuf, uprobes
 from . import layout as L
 from .bcc_compile import compile_bpf
+from .btf import BTFError
 from .errors import SpyError
 from .functions import Function
 from .ringbuf import RingBuffer
@@ -163,11 +164,19 @@ class Capture:
         self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
         ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
-        cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
-                                ring_pages=ring_pages if self.ring else None,
-                                wakeup_bytes=wakeup_bytes(ring_pages[0] * mmap.PAGESIZE),
-                                inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
-                                or kernel_release() < (6, 2))
+        try:
+            cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
+                                    ring_pages=ring_pages if self.ring else None,
+                                    wakeup_bytes=wakeup_bytes(ring_pages[0] * mmap.PAGESIZE),
+                                    inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
+                                    or kernel_release() < (6, 2))
+        except (BTFError, OSError) as e:
+            # -p and command mode read task_struct at the running kernel's
+            # offsets, which only its BTF gives.
+            why = getattr(e, "strerror", None) or e
+            raise SpyError("cannot read the kernel's BTF (%s)" % why,
+                           "-p and COMMAND need a kernel with /sys/kernel/btf/vmlinux; "
+                           "trace system-wide instead")
         # bcc and clang print on our stdout and stderr (stdout carries the
         # trace): keep what they say aside, and only its gist on error.
         with _CapturedOutput() as said:

@@ -127,6 +127,30 @@ def test_no_kernel_headers_on_the_machine():
     check_one_line_error(res, *NO_HEADERS)
 
 
+def test_pid_without_kernel_btf():
+    """-p reads task_struct at the running kernel's offsets, from its BTF:
+    without /sys/kernel/btf/vmlinux (here /dev/null over it, in a private
+    mount namespace), one line that says so, not a traceback."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        script = 'mount --bind /dev/null /sys/kernel/btf/vmlinux && exec "$@"'
+        # --lib: no note that the sleeper has not loaded libpcsclite
+        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                              "sh", *command("-n", "-p", str(sleeper.pid), "--lib",
+                                             "/usr/lib/x86_64-linux-gnu/libpcsclite.so.1")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Before it, the tracer may say which kernel headers it uses: the error
+    # is the one line of its own, the last.
+    notes = [line for line in res.stderr.splitlines() if "kernel headers" not in line]
+    res = subprocess.CompletedProcess(res.args, res.returncode, res.stdout,
+                                      "".join(line + "\n" for line in notes))
+    check_one_line_error(res, r"cannot read the kernel's BTF", r"/sys/kernel/btf/vmlinux")
+
+
 def test_bcc_kernel_source_without_headers(tmp_path):
     """BCC_KERNEL_SOURCE (trusted by the tracer) naming a directory without
     kernel headers: one line that names it, not clang's and bcc's messages,
