@@ -19,7 +19,7 @@ ROWS = [
     "    x pcsc-spy",
     "  pcsc-ebpf-spy --buffer perf",
     "SCardTransmit, µs/call",
-    "    traced / untraced",
+    "    / untraced",
     "Burst of",
     "  calls shown",
     "  calls lost",
@@ -60,9 +60,11 @@ def test_bench_quick(tmp_path):
                     "pcsc-spy"):
         assert _number(res["isvalid"][variant]["us_per_call"]), variant
         assert res["isvalid"][variant]["us_per_call"] > 0, variant
-    tr = res["transmit"]
-    assert _number(tr["untraced_us_per_call"]) and _number(tr["traced_us_per_call"])
-    assert _number(tr["ratio"])
+    tr = res["transmit"]["variants"]
+    for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-spy"):
+        assert _number(tr[variant]["us_per_call"]) and tr[variant]["us_per_call"] > 0, variant
+        assert tr[variant]["ratio"] == tr[variant]["us_per_call"] / tr["untraced"]["us_per_call"]
+    assert res["transmit"]["tracer_shown"] == [res["counts"]["loop_calls"]]
     burst = res["burst"]
     assert burst["calls"] == res["counts"]["burst_calls"]
     assert 0 <= burst["shown"] <= burst["calls"]
