@@ -531,6 +531,26 @@ class Bench:
         self.tracer_runs.append(run)
         return result, run
 
+    @staticmethod
+    def _take_turns(variants, scenario, n, rounds, digits):
+        """Runs each (name, run) of variants once per round, in a different
+        order each round (no variant always goes first); per variant, the
+        median over the rounds and every run."""
+        wall = {name: [] for name, _ in variants}
+        cpu = {name: [] for name, _ in variants}
+        for r in range(rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for name, run in order:
+                us, cpu_us = run(scenario, n)
+                wall[name].append(us)
+                cpu[name].append(cpu_us)
+                log("%s round %d/%d: %-13s %8.*f us/call (client CPU %.*f us/call)"
+                    % (scenario, r + 1, rounds, name, digits, us, digits, cpu_us))
+        return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
+                           client_cpu_us_per_call=median(cpu[name]),
+                           runs_client_cpu_us_per_call=cpu[name])
+                for name, _ in variants}
+
     def isvalid(self):
         n, rounds = self.c["isvalid_calls"], self.c["isvalid_rounds"]
         variants = [("untraced", self._untraced), ("floor", self._floor),
@@ -538,62 +558,28 @@ class Bench:
                     ("pcsc-ebpf-spy --buffer perf",
                      lambda s, n: self._traced(s, n, "isvalid-perf", ("--buffer", "perf"))[0]),
                     ("pcsc-spy", self._pcsc_spy)]
-        wall = {name: [] for name, _ in variants}
-        cpu = {name: [] for name, _ in variants}
-        for r in range(rounds):
-            # A different order each round: no variant always goes first.
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for name, fn in order:
-                us, cpu_us = fn("isvalid", n)
-                wall[name].append(us)
-                cpu[name].append(cpu_us)
-                log("isvalid round %d/%d: %-13s %8.3f us/call (client CPU %.3f us/call)"
-                    % (r + 1, rounds, name, us, cpu_us))
+        figures = self._take_turns(variants, "isvalid", n, rounds, 3)
         runs = [t for t in self.tracer_runs if t["kind"].startswith("isvalid")]
-        return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
-                           client_cpu_us_per_call=median(cpu[name]),
-                           runs_client_cpu_us_per_call=cpu[name])
-                for name, _ in variants}, dict(
-                    calls=n, rounds=rounds,
-                    tracer_shown=[t["shown"] for t in runs],
-                    tracer_lost_events=[t["lost_events"] for t in runs])
+        return figures, dict(calls=n, rounds=rounds,
+                             tracer_shown=[t["shown"] for t in runs],
+                             tracer_lost_events=[t["lost_events"] for t in runs])
 
     def transmit(self):
-        """The SCardTransmit loop, as isvalid() runs its loop: the variants
-        take turns, round after round.  The floor and pcsc-spy run on the same
-        workload: they say how much of the tracer's cost is the probes' own
-        (the traps, which no program can make cheaper) and what the reference
-        tool costs on it."""
+        """The SCardTransmit loop, run as isvalid() runs its loop.  The floor
+        and pcsc-spy run on the same workload: they say how much of the
+        tracer's cost is the probes' own (the traps, which no program can make
+        cheaper) and what the reference tool costs on it."""
         n, rounds = self.c["loop_calls"], self.c["loop_rounds"]
-        shown, lost = [], []
-
-        def traced(scenario, n):
-            result, run = self._traced(scenario, n, "transmit")
-            shown.append(run["shown"])
-            lost.append(run["lost_events"])
-            return result
-
         variants = [("untraced", self._untraced), ("floor", self._floor),
-                    ("pcsc-ebpf-spy", traced), ("pcsc-spy", self._pcsc_spy)]
-        wall = {name: [] for name, _ in variants}
-        cpu = {name: [] for name, _ in variants}
-        for r in range(rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for name, fn in order:
-                us, cpu_us = fn("loop", n)
-                wall[name].append(us)
-                cpu[name].append(cpu_us)
-                log("transmit round %d/%d: %-13s %8.1f us/call (client CPU %.1f us/call)"
-                    % (r + 1, rounds, name, us, cpu_us))
-        untraced = median(wall["untraced"])
-        return dict(calls=n, rounds=rounds,
-                    variants={name: dict(us_per_call=median(wall[name]),
-                                         ratio=median(wall[name]) / untraced,
-                                         runs_us_per_call=wall[name],
-                                         client_cpu_us_per_call=median(cpu[name]),
-                                         runs_client_cpu_us_per_call=cpu[name])
-                              for name, _ in variants},
-                    tracer_shown=shown, tracer_lost_events=lost)
+                    ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "transmit")[0]),
+                    ("pcsc-spy", self._pcsc_spy)]
+        figures = self._take_turns(variants, "loop", n, rounds, 1)
+        for fig in figures.values():
+            fig["ratio"] = fig["us_per_call"] / figures["untraced"]["us_per_call"]
+        runs = [t for t in self.tracer_runs if t["kind"] == "transmit"]
+        return dict(calls=n, rounds=rounds, variants=figures,
+                    tracer_shown=[t["shown"] for t in runs],
+                    tracer_lost_events=[t["lost_events"] for t in runs])
 
     def burst(self):
         n = self.c["burst_calls"]
