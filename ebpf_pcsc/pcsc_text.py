@@ -5,7 +5,7 @@ this is an independent implementation).  Where pcsc-spy 1.9.9 is wrong we
 differ on purpose; docs/differences-from-pcsc-spy.md lists each case.
 
 A renderer is a generator over one call: it yields (direction, text) lines,
-IN ones first; AT_RETURN marks where the call's outputs are needed (the lines
+or (direction, [text, ...]) blocks of lines, IN ones first; AT_RETURN marks where the call's outputs are needed (the lines
 before it are printed when the call starts, like pcsc-spy does for a blocking
 SCardGetStatusChange); RESULT marks where the result line goes when it is not
 last (SCardControl prints its parsing after it).
@@ -147,15 +147,13 @@ def _shown(cap: Optional[Captured], pointer: int, length: Optional[int]) -> Opti
     return None
 
 
-def _buffer(direction: str, label: str, data: Optional[bytes]) -> list:
+def _buffer(direction: str, label: str, data: Optional[bytes]) -> tuple:
+    """A buffer's block: its label, then its bytes."""
     if data is LOST:
-        return [(direction, label), (direction, " (not captured: events were lost)")]
+        return direction, [label, " (not captured: events were lost)"]
     if data is None:
-        return [(direction, label), (direction, " NULL")]
-    lines = [(direction, label)]
-    for line in hexdump(data):
-        lines.append((direction, " " + line))
-    return lines
+        return direction, [label, " NULL"]
+    return direction, [label] + [" " + line for line in hexdump(data)]
 
 
 def _multistring(size_name: str, field_name: str, length: Optional[int],
@@ -181,12 +179,13 @@ def _multistring(size_name: str, field_name: str, length: Optional[int],
 def _readers(direction: str, readers: Optional[List[ReaderState]]):
     for r in readers or ():
         name = c_string(r.reader) if r.name_captured else "(name not captured)"
-        yield direction, with_decimal("szReader:", name)
-        yield direction, " dwCurrentState: %s (%s)" % (states(r.current_state), hexl(r.current_state))
-        yield direction, " dwEventState: %s (%s)" % (states(r.event_state), hexl(r.event_state))
-        yield direction, number(" Atr length:", r.cb_atr)
         atr = hex_bytes(r.atr[:r.cb_atr]) if r.cb_atr <= K.MAX_ATR_SIZE else "NULL"
-        yield direction, with_decimal(" Atr:", atr)
+        yield direction, [
+            with_decimal("szReader:", name),
+            " dwCurrentState: %s (%s)" % (states(r.current_state), hexl(r.current_state)),
+            " dwEventState: %s (%s)" % (states(r.event_state), hexl(r.event_state)),
+            number(" Atr length:", r.cb_atr),
+            with_decimal(" Atr:", atr)]
 
 
 def establish_context(c: Call, f: Format):
@@ -292,10 +291,10 @@ def get_status_change(c: Call, f: Format):
     yield from _readers(OUT, c.exit.readers.get("rgReaderStates"))
 
 
-def _pci(direction: str, f: Format, fields, phase) -> list:
+def _pci(f: Format, fields, phase) -> List[str]:
     """A SCARD_IO_REQUEST's two fields: fields is _SEND_PCI or _RECV_PCI."""
-    return [(direction, f.masked(label, ptr_long(phase.words.get(word))))
-            for label, word in fields]
+    words = phase.words
+    return [f.masked(label, ptr_long(words.get(word))) for label, word in fields]
 
 
 def _pci_fields(name: str):
@@ -309,18 +308,18 @@ _RECV_PCI = _pci_fields("pioRecvPci")
 
 
 def transmit(c: Call, f: Format):
-    args = c.args
-    yield _handle(c, f, "hCard")
-    yield from _pci(IN, f, _SEND_PCI, c.entry)
-    yield IN, number("bSendLength", args["cbSendLength"])
-    yield from _buffer(IN, "bSendBuffer", _shown(c.entry.data.get("pbSendBuffer"),
-                                                 args["pbSendBuffer"], args["cbSendLength"]))
+    # In blocks: the most frequent call, whose lines cost the reader most.
+    args, entry = c.args, c.entry
+    send = _shown(entry.data.get("pbSendBuffer"), args["pbSendBuffer"], args["cbSendLength"])
+    yield IN, [f.masked("hCard: ", hexl(args["hCard"])), *_pci(f, _SEND_PCI, entry),
+               number("bSendLength", args["cbSendLength"])]
+    yield _buffer(IN, "bSendBuffer", send)
     yield AT_RETURN
-    yield from _pci(OUT, f, _RECV_PCI, c.exit)
-    length = c.exit.word("pcbRecvLength") or 0
-    yield OUT, number("bRecvLength", length)
-    yield from _buffer(OUT, "bRecvBuffer", _shown(c.exit.data.get("pbRecvBuffer"),
-                                                  args["pbRecvBuffer"], length))
+    out = c.exit     # set when the call returns
+    length = out.words.get("pcbRecvLength") or 0
+    recv = _shown(out.data.get("pbRecvBuffer"), args["pbRecvBuffer"], length)
+    yield OUT, [*_pci(f, _RECV_PCI, out), number("bRecvLength", length)]
+    yield _buffer(OUT, "bRecvBuffer", recv)
 
 
 def control(c: Call, f: Format):
@@ -330,12 +329,12 @@ def control(c: Call, f: Format):
     yield IN, number("bSendLength", c.args["cbSendLength"])
     send = _shown(c.entry.data.get("pbSendBuffer"), c.args["pbSendBuffer"],
                   c.args["cbSendLength"])
-    yield from _buffer(IN, "bSendBuffer", send)
+    yield _buffer(IN, "bSendBuffer", send)
     yield AT_RETURN
     length = c.exit.word("lpBytesReturned") or 0
     yield OUT, number("bRecvLength", length)
     recv = _shown(c.exit.data.get("pbRecvBuffer"), c.args["pbRecvBuffer"], length)
-    yield from _buffer(OUT, "bRecvBuffer", recv)
+    yield _buffer(OUT, "bRecvBuffer", recv)
     yield RESULT
     if c.rv == K.SCARD_S_SUCCESS and send is not LOST and recv is not LOST:
         yield from _parse_control(f, code, send or b"", recv or b"")
@@ -385,8 +384,7 @@ def _parse_control(f: Format, code: int, send: bytes, recv: bytes):
         yield RAW, "  bTeoPrologue: %d %d %d" % (s[12], s[13], s[14])
         yield RAW, "  ulDataLength: %d" % int.from_bytes(s[15:19], "little")
         yield RAW, "  APDU:"
-        for line in hexdump(s[19:]):
-            yield RAW, "   " + line
+        yield RAW, ["   " + line for line in hexdump(s[19:])]
 
 
 def list_reader_groups(c: Call, f: Format):
@@ -421,14 +419,14 @@ def get_attrib(c: Call, f: Format):
     yield AT_RETURN
     length = c.exit.word("pcbAttrLen") or 0
     yield OUT, number("bAttrLen", length)
-    yield from _buffer(OUT, "bAttr", _shown(c.exit.data.get("pbAttr"), c.args["pbAttr"], length))
+    yield _buffer(OUT, "bAttr", _shown(c.exit.data.get("pbAttr"), c.args["pbAttr"], length))
 
 
 def set_attrib(c: Call, f: Format):
     yield _handle(c, f, "hCard")
     yield _attribute(c)
     yield IN, number("bAttrLen", c.args["cbAttrLen"])
-    yield from _buffer(IN, "bAttr", _shown(c.entry.data.get("pbAttr"), c.args["pbAttr"],
+    yield _buffer(IN, "bAttr", _shown(c.entry.data.get("pbAttr"), c.args["pbAttr"],
                                            c.args["cbAttrLen"]))
 
 
@@ -459,6 +457,9 @@ class TextSink:
         self.result_dialect = result_dialect
         self.annotator = annotator   # --apdu: an annotate.Annotator
         self._threads: Dict[tuple, "_Thread"] = {}
+        # The processes whose calls were shown so far (stats may be ahead:
+        # it sees a batch of calls before this sink does).
+        self._pids: set = set()
         self._running: Dict[int, tuple] = {}   # id(call) -> (generator, thread)
         self._results: Dict[int, str] = {}     # result code -> its text
 
@@ -486,9 +487,14 @@ class TextSink:
         prefix, suffix = th.prefix, th.suffix
         returned = call
         for item in gen:
-            if item.__class__ is tuple:   # (direction, text): most items
+            if item.__class__ is tuple:   # (direction, text or [text, ...]): most items
                 direction, text = item
-                add(text if direction is RAW else prefix[direction] + text + suffix)
+                if text.__class__ is str:
+                    add(text if direction is RAW else prefix[direction] + text + suffix)
+                elif direction is RAW:
+                    lines.extend(text)
+                elif text:
+                    add(prefix[direction] + th.between[direction].join(text) + suffix)
             elif item is AT_RETURN:
                 if until_return:
                     break
@@ -544,7 +550,8 @@ class TextSink:
             if self.show_thread:
                 indent += " (t%d) " % number
             th = self._threads[key] = _Thread(indent, Format(self.diffable), self.color)
-            if self.stats.several_processes:
+            self._pids.add(call.pid)
+            if len(self._pids) > 1:
                 self._print("%s[%s]" % (indent, self._who(call.pid, call.tid, call.comm)))
         return th
 
@@ -586,6 +593,8 @@ class _Thread:
         colors = {IN: COLOR_GREEN, OUT: COLOR_MAGENTA} if color else {IN: "", OUT: ""}
         self.prefix = {d: "%s%s %s " % (indent, colors[d], d) for d in (IN, OUT)}
         self.suffix = COLOR_NORMAL if color else ""
+        # What joins the lines of a block.
+        self.between = {d: self.suffix + "\n" + p for d, p in self.prefix.items()}
         # A call's first line: its name, indented (and painted).
         self.names = _Names(indent + COLOR_BLUE if color else indent, self.suffix)
 

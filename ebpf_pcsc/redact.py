@@ -161,3 +161,7 @@ class Redactor:
         self.redact(call)
         if hasattr(self.sink, "unfinished"):
             self.sink.unfinished(call)
+
+    def flush(self) -> None:
+        if hasattr(self.sink, "flush"):
+            self.sink.flush()

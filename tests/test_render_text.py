@@ -705,6 +705,30 @@ def test_several_processes():
     assert not any("pid %d" % pid2 in line for line in with_t)
 
 
+@pytest.mark.parametrize("stage", [1, 5, 64, 100_000])
+def test_staged_outputs_print_what_streamed_ones_print(stage, monkeypatch):
+    """The session hands calls on in batches, stats first, then the text
+    (session._Fanout): the text must not depend on where a batch ends.  In
+    one batch, stats knows of the second process before the text shows the
+    first one's calls: the first process must still get no label."""
+    from ebpf_pcsc.session import _Fanout
+    from ebpf_pcsc.stats import Stats
+    import io
+    records = read_records(records_path("nullrecvpci")) + read_records(records_path("attrs"))
+    want = render_records(records, diffable=False, summary=True)
+    stats, out = Stats(), io.StringIO()
+    text = T.TextSink(stats, out=out)
+    fanout = _Fanout(stats, [text], live=False)
+    monkeypatch.setattr(fanout, "STAGE", stage)
+    assembler = Assembler(FUNCTIONS, fanout)
+    for raw in records:
+        assembler.feed(raw)
+    fanout.flush()
+    text.summary()
+    assert out.getvalue() == want
+    assert want.count("[pid ") == 1
+
+
 def test_one_process_has_no_process_labels():
     text = render("threads_2_3", diffable=True, summary=True)
     assert "[pid" not in text and "(pid" not in text
