@@ -4,11 +4,13 @@ pcsc-spy's output format is the specification (pcsc-lite's spy code is GPL;
 this is an independent implementation).  Where pcsc-spy 1.9.9 is wrong we
 differ on purpose; docs/differences-from-pcsc-spy.md lists each case.
 
-A renderer is a generator over one call: it yields (direction, text) lines,
-or (direction, [text, ...]) blocks of lines, IN ones first; AT_RETURN marks where the call's outputs are needed (the lines
-before it are printed when the call starts, like pcsc-spy does for a blocking
-SCardGetStatusChange); RESULT marks where the result line goes when it is not
-last (SCardControl prints its parsing after it).
+A renderer is a generator over one call: it yields (direction, text) lines
+or (direction, [text, ...]) blocks of lines (fewer steps for the reader:
+the hot renderers use them), IN ones first; AT_RETURN marks where the call's
+outputs are needed (the lines before it are printed when the call starts,
+like pcsc-spy does for a blocking SCardGetStatusChange); RESULT marks where
+the result line goes when it is not last (SCardControl prints its parsing
+after it).
 """
 import sys
 from typing import Dict, List, Optional
@@ -427,7 +429,7 @@ def set_attrib(c: Call, f: Format):
     yield _attribute(c)
     yield IN, number("bAttrLen", c.args["cbAttrLen"])
     yield _buffer(IN, "bAttr", _shown(c.entry.data.get("pbAttr"), c.args["pbAttr"],
-                                           c.args["cbAttrLen"]))
+                                      c.args["cbAttrLen"]))
 
 
 # -- the whole trace ----------------------------------------------------------
