@@ -10,7 +10,9 @@ the hot renderers use them), IN ones first; AT_RETURN marks where the call's
 outputs are needed (the lines before it are printed when the call starts,
 like pcsc-spy does for a blocking SCardGetStatusChange); RESULT marks where
 the result line goes when it is not last (SCardControl prints its parsing
-after it).
+after it).  A renderer reads the call's outputs (c.exit, c.rv) after
+AT_RETURN only: a call that returned within the batch the text is handed has
+them already when its renderer starts, a blocked one has not.
 """
 import sys
 from typing import Dict, List, Optional

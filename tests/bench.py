@@ -535,7 +535,7 @@ class Bench:
         return result, run
 
     @staticmethod
-    def _take_turns(variants, scenario, n, rounds, digits):
+    def _take_turns(variants, scenario, n, rounds, digits, label):
         """Runs each (name, run) of variants once per round, in a different
         order each round (no variant always goes first); per variant, the
         median over the rounds and every run."""
@@ -548,7 +548,7 @@ class Bench:
                 wall[name].append(us)
                 cpu[name].append(cpu_us)
                 log("%s round %d/%d: %-13s %8.*f us/call (client CPU %.*f us/call)"
-                    % (scenario, r + 1, rounds, name, digits, us, digits, cpu_us))
+                    % (label, r + 1, rounds, name, digits, us, digits, cpu_us))
         return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
                            client_cpu_us_per_call=median(cpu[name]),
                            runs_client_cpu_us_per_call=cpu[name])
@@ -561,7 +561,7 @@ class Bench:
                     ("pcsc-ebpf-spy --buffer perf",
                      lambda s, n: self._traced(s, n, "isvalid-perf", ("--buffer", "perf"))[0]),
                     ("pcsc-spy", self._pcsc_spy)]
-        figures = self._take_turns(variants, "isvalid", n, rounds, 3)
+        figures = self._take_turns(variants, "isvalid", n, rounds, 3, "isvalid")
         runs = [t for t in self.tracer_runs if t["kind"].startswith("isvalid")]
         return figures, dict(calls=n, rounds=rounds,
                              tracer_shown=[t["shown"] for t in runs],
@@ -576,7 +576,7 @@ class Bench:
         variants = [("untraced", self._untraced), ("floor", self._floor),
                     ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "transmit")[0]),
                     ("pcsc-spy", self._pcsc_spy)]
-        figures = self._take_turns(variants, "loop", n, rounds, 1)
+        figures = self._take_turns(variants, "loop", n, rounds, 1, "transmit")
         for fig in figures.values():
             fig["ratio"] = fig["us_per_call"] / figures["untraced"]["us_per_call"]
         runs = [t for t in self.tracer_runs if t["kind"] == "transmit"]

@@ -7,10 +7,11 @@ from ebpf_pcsc.stats import Stats
 
 
 class TextOutput:
-    """The session's sink for the text output: Stats sees each call first
-    (the text reads the timings from it), then TextSink.  It takes the
-    calls from an Assembler, spylog.replay or render_calls, and keeps those
-    spylog.replay reports unfinished."""
+    """The session's sink for the text output, one call at a time (the
+    session hands calls on in batches, session._Fanout): Stats sees each call
+    first, then TextSink.  It takes the calls from an Assembler,
+    spylog.replay or render_calls, and keeps those spylog.replay reports
+    unfinished."""
 
     def __init__(self, **options):
         self.stats = Stats()

@@ -3,6 +3,7 @@ writes its JSON.  No timing is checked: the benchmark gives figures, and
 `make bench` is where they are read."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,16 @@ def test_bench_quick(tmp_path):
     tr = res["transmit"]["variants"]
     for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-spy"):
         assert _number(tr[variant]["us_per_call"]) and tr[variant]["us_per_call"] > 0, variant
-        assert tr[variant]["ratio"] == tr[variant]["us_per_call"] / tr["untraced"]["us_per_call"]
+    # The SCardTransmit rows, in order, each ratio as the JSON has it.
+    first = next(i for i, line in enumerate(body) if line.startswith("SCardTransmit, µs/call"))
+    last = next(i for i, line in enumerate(body) if line.startswith("Burst of"))
+    section = [re.match(r"( *\S.*?)(?: {2,}|$)(\S*)", line).groups() for line in body[first + 1:last]]
+    assert [label for label, _ in section] == [
+        "  untraced", "  floor: empty uprobe+uretprobe", "    / untraced",
+        "  pcsc-spy (LD_PRELOAD, reader running)", "    / untraced",
+        "  pcsc-ebpf-spy", "    / untraced"], p.stdout
+    assert [figure for label, figure in section if label == "    / untraced"] == [
+        "%.3f" % tr[v]["ratio"] for v in ("floor", "pcsc-spy", "pcsc-ebpf-spy")]
     assert res["transmit"]["tracer_shown"] == [res["counts"]["loop_calls"]]
     burst = res["burst"]
     assert burst["calls"] == res["counts"]["burst_calls"]

@@ -705,28 +705,95 @@ def test_several_processes():
     assert not any("pid %d" % pid2 in line for line in with_t)
 
 
-@pytest.mark.parametrize("stage", [1, 5, 64, 100_000])
-def test_staged_outputs_print_what_streamed_ones_print(stage, monkeypatch):
-    """The session hands calls on in batches, stats first, then the text
-    (session._Fanout): the text must not depend on where a batch ends.  In
-    one batch, stats knows of the second process before the text shows the
-    first one's calls: the first process must still get no label."""
+def _staged(records, stage, live, monkeypatch):
+    """The text (and stats) of records handed on as the session does, in
+    batches of stage events (session._Fanout)."""
+    import io
     from ebpf_pcsc.session import _Fanout
     from ebpf_pcsc.stats import Stats
-    import io
-    records = read_records(records_path("nullrecvpci")) + read_records(records_path("attrs"))
-    want = render_records(records, diffable=False, summary=True)
     stats, out = Stats(), io.StringIO()
     text = T.TextSink(stats, out=out)
-    fanout = _Fanout(stats, [text], live=False)
+    fanout = _Fanout(stats, [text], live=live)
     monkeypatch.setattr(fanout, "STAGE", stage)
     assembler = Assembler(FUNCTIONS, fanout)
     for raw in records:
         assembler.feed(raw)
     fanout.flush()
     text.summary()
-    assert out.getvalue() == want
+    return out.getvalue(), stats
+
+
+@pytest.mark.parametrize("stage", [1, 5, 64, 100_000])
+def test_staged_outputs_print_what_streamed_ones_print(stage, monkeypatch):
+    """The session hands calls on in batches, stats first, then the text
+    (session._Fanout): the text must not depend on where a batch ends.  In
+    one batch, stats knows of the second process before the text shows the
+    first one's calls: the first process must still get no label."""
+    records = read_records(records_path("nullrecvpci")) + read_records(records_path("attrs"))
+    want = render_records(records, diffable=False, summary=True)
+    assert _staged(records, stage, False, monkeypatch)[0] == want
     assert want.count("[pid ") == 1
+
+
+def _aborted(records, nth):
+    """records with the nth RETURN turned into an ABORT (its thread died in
+    the call)."""
+    returns = [i for i, r in enumerate(records) if L.Head.from_buffer_copy(r[:48]).kind
+               == L.PCSC_REC_RETURN]
+    raw = bytearray(records[returns[nth]])
+    head = L.Head.from_buffer(raw)
+    head.kind = L.PCSC_REC_ABORT
+    del head
+    return records[:returns[nth]] + [bytes(raw)] + records[returns[nth] + 1:]
+
+
+@pytest.mark.parametrize("stage", [1, 64])
+def test_staged_outputs_with_a_call_whose_thread_died(stage, monkeypatch, capsys):
+    """Live, a call whose thread died shows its entry and no result, as
+    streamed, and is warned about once, after its batch."""
+    records = _aborted(read_records(records_path("all")), 5)
+    want = render_records(records, diffable=False, summary=True)
+    text, stats = _staged(records, stage, True, monkeypatch)
+    assert text == want
+    assert stats.aborted == 1
+    assert capsys.readouterr().err.count("ended inside the call") == 1
+
+
+def test_a_failing_output_does_not_keep_the_batch_from_the_others():
+    """The text's reader went away (| head): the recording after it still
+    gets every call of the batch, and the error comes out after."""
+    from ebpf_pcsc.session import _Fanout
+    from ebpf_pcsc.stats import Stats
+
+    class Gone:
+        def enter(self, call):
+            raise BrokenPipeError
+
+        leave = abort = enter
+
+    class Kept:
+        def __init__(self):
+            self.events = []
+
+        def enter(self, call):
+            self.events.append(("enter", call.name))
+
+        def leave(self, call):
+            self.events.append(("leave", call.name))
+
+        def abort(self, call):
+            self.events.append(("abort", call.name))
+
+    kept = Kept()
+    fanout = _Fanout(Stats(), [Gone(), kept], live=False)
+    assembler = Assembler(FUNCTIONS, fanout)
+    records = read_records(records_path("errors"))
+    with pytest.raises(BrokenPipeError):
+        for raw in records:
+            assembler.feed(raw)
+        fanout.flush()
+    assert len(kept.events) == min(fanout.STAGE, 2 * sum(
+        1 for r in records if L.Head.from_buffer_copy(r[:48]).kind == L.PCSC_REC_RETURN))
 
 
 def test_one_process_has_no_process_labels():
