@@ -35,7 +35,14 @@ def calls_of(trace: str):
 
 def probe_handles(pid):
     """How the tracer holds its probes: its bpf_link and perf_event fds."""
-    kinds = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+    kinds = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            kinds.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except FileNotFoundError:
+            # Closed since the listing: a file the tracer read in passing
+            # (the -p watch reads /proc), not a probe.
+            pass
     return (sum(k == "anon_inode:bpf_link" for k in kinds),
             sum(k == "anon_inode:[perf_event]" for k in kinds))
 
