@@ -82,7 +82,7 @@ RUN_TIMEOUT = 600.0
 # tracer left running, not mostly its first batch.
 FULL = dict(isvalid_calls=200_000, isvalid_rounds=7, loop_calls=5_000, loop_rounds=15,
             burst_calls=50_000)
-QUICK = dict(isvalid_calls=2_000, isvalid_rounds=1, loop_calls=50, loop_rounds=1,
+QUICK = dict(isvalid_calls=2_000, isvalid_rounds=1, loop_calls=50, loop_rounds=2,
              burst_calls=2_000)
 
 # Targets (issue 5).
@@ -118,6 +118,14 @@ def _die_with_parent():
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def quartiles(values):
+    """The first quartile, the median and the third quartile (None with
+    fewer than two values)."""
+    if len(values) < 2:
+        return None
+    return statistics.quantiles(values, n=4, method="inclusive")
 
 
 class _Cleanup:
@@ -577,8 +585,15 @@ class Bench:
                     ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "transmit")[0]),
                     ("pcsc-spy", self._pcsc_spy)]
         figures = self._take_turns(variants, "loop", n, rounds, 1, "transmit")
+        untraced = figures["untraced"]
         for fig in figures.values():
-            fig["ratio"] = fig["us_per_call"] / figures["untraced"]["us_per_call"]
+            fig["ratio"] = fig["us_per_call"] / untraced["us_per_call"]
+            # Each round's own ratio (its runs are minutes closer in time than
+            # the medians'): their spread says how far the machine's drift
+            # carries the figure.
+            fig["round_ratios"] = [v / u for v, u in zip(fig["runs_us_per_call"],
+                                                         untraced["runs_us_per_call"])]
+            fig["round_ratio_quartiles"] = quartiles(fig["round_ratios"])
         runs = [t for t in self.tracer_runs if t["kind"] == "transmit"]
         return dict(calls=n, rounds=rounds, variants=figures,
                     tracer_shown=[t["shown"] for t in runs],
@@ -672,6 +687,9 @@ def table(res):
     def variant(label, key):
         return row(label, f(iv[key]["us_per_call"], ".3f"), f(iv[key]["client_cpu_us_per_call"], ".3f"))
 
+    def spread(q):
+        return "-" if q is None else "%.3f (%.3f-%.3f)" % (q[1], q[0], q[2])
+
     def transmit(label, key):
         return row(label, f(trv[key]["us_per_call"], ".1f"),
                    f(trv[key]["client_cpu_us_per_call"], ".1f"))
@@ -703,6 +721,8 @@ def table(res):
         transmit("  pcsc-ebpf-spy", "pcsc-ebpf-spy"),
         row("    / untraced", f(trv["pcsc-ebpf-spy"]["ratio"], ".3f"),
             target="SCardTransmit: traced / untraced"),
+        row("    each round's own ratio: median (quartiles)",
+            spread(trv["pcsc-ebpf-spy"]["round_ratio_quartiles"])),
         row("Burst of %d SCardIsValidContext (full speed, traced)" % burst["calls"]),
         row("  calls shown", "%d" % burst["shown"]),
         row("  calls lost", "%d" % (burst["calls"] - burst["shown"]), target="burst: calls lost"),

@@ -71,10 +71,17 @@ def test_bench_quick(tmp_path):
     assert [label for label, _ in section] == [
         "  untraced", "  floor: empty uprobe+uretprobe", "    / untraced",
         "  pcsc-spy (LD_PRELOAD, reader running)", "    / untraced",
-        "  pcsc-ebpf-spy", "    / untraced"], p.stdout
+        "  pcsc-ebpf-spy", "    / untraced", "    each round's own ratio: median (quartiles)"], \
+        p.stdout
     assert [figure for label, figure in section if label == "    / untraced"] == [
         "%.3f" % tr[v]["ratio"] for v in ("floor", "pcsc-spy", "pcsc-ebpf-spy")]
-    assert res["transmit"]["tracer_shown"] == [res["counts"]["loop_calls"]]
+    ratios = tr["pcsc-ebpf-spy"]["round_ratios"]
+    assert len(ratios) == res["counts"]["loop_rounds"] == 2
+    low, mid, high = tr["pcsc-ebpf-spy"]["round_ratio_quartiles"]
+    assert min(ratios) <= low <= mid <= high <= max(ratios)
+    assert mid == sum(ratios) / 2
+    assert any(line.endswith("%.3f (%.3f-%.3f)" % (mid, low, high)) for line in body)
+    assert res["transmit"]["tracer_shown"] == [res["counts"]["loop_calls"]] * res["counts"]["loop_rounds"]
     burst = res["burst"]
     assert burst["calls"] == res["counts"]["burst_calls"]
     assert 0 <= burst["shown"] <= burst["calls"]
