@@ -88,22 +88,23 @@ class _Fanout:
         if len(self._events) >= self.STAGE:
             self.flush()
 
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
     def enter(self, call: Call) -> None:
         if self.live:
-            self.seq += 1
-            call.entry_seq = self.seq
+            call.entry_seq = self._next()
         self._queue(self._ENTER, call)
 
     def leave(self, call: Call) -> None:
         if self.live:
-            self.seq += 1
-            call.return_seq = self.seq
+            call.return_seq = self._next()
         self._queue(self._LEAVE, call)
 
     def abort(self, call: Call) -> None:
         if self.live:
-            self.seq += 1
-            call.return_seq = self.seq
+            call.return_seq = self._next()
         self._queue(self._ABORT, call)
 
     def flush(self) -> None:
