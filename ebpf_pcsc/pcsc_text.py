@@ -131,8 +131,12 @@ class Format:
 
 # -- one renderer per function ----------------------------------------------
 
+def _handle_text(c: Call, f: Format, name: str) -> str:
+    return f.masked(name + ": ", hexl(c.args[name]))
+
+
 def _handle(c: Call, f: Format, name: str):
-    return IN, f.masked(name + ": ", hexl(c.args[name]))
+    return IN, _handle_text(c, f, name)
 
 
 LOST = b"\0lost"   # a buffer whose bytes were lost on the way (the buffer was full)
@@ -315,7 +319,7 @@ def transmit(c: Call, f: Format):
     # In blocks: the most frequent call, whose lines cost the reader most.
     args, entry = c.args, c.entry
     send = _shown(entry.data.get("pbSendBuffer"), args["pbSendBuffer"], args["cbSendLength"])
-    yield IN, [f.masked("hCard: ", hexl(args["hCard"])), *_pci(f, _SEND_PCI, entry),
+    yield IN, [_handle_text(c, f, "hCard"), *_pci(f, _SEND_PCI, entry),
                number("bSendLength", args["cbSendLength"])]
     yield _buffer(IN, "bSendBuffer", send)
     yield AT_RETURN
