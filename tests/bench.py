@@ -10,7 +10,7 @@ JSON file (bench-results.json by default):
    client (-p PID, text to a file), as it starts by default (--buffer auto:
    the BPF ring buffer on kernels that have one) and with the perf buffer
    (--buffer perf); pcsc-lite's pcsc-spy (libpcscspy through
-   LD_PRELOAD, with its reader `pcsc-spy -n` running).  The variants take
+   LD_PRELOAD, with its reader `pcsc-spy -n` running, its text to a file too).  The variants take
    turns, round after round; the figure is the median over the rounds.
 2. SCardTransmit in a loop against the virtual card, per call, for: no
    tracing, the floor, pcsc-ebpf-spy and pcsc-spy, taking turns as in 1;
@@ -446,15 +446,17 @@ class Floor:
 # -- pcsc-spy -----------------------------------------------------------------------------
 
 class PcscSpy:
-    """pcsc-spy -n reading $HOME/pcsc-spy (output to /dev/null), for one client run."""
+    """pcsc-spy -n reading $HOME/pcsc-spy, for one client run.  Its text goes
+    to a file, as pcsc-ebpf-spy's does (writing it costs the machine too)."""
 
     def __init__(self, workdir):
         self.home = Path(tempfile.mkdtemp(prefix="home-", dir=workdir))
         self.fifo = self.home / "pcsc-spy"
-        self.reader = subprocess.Popen([PCSC_SPY, "-n"], env=user_env(HOME=str(self.home)),
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE, text=True,
-                                       start_new_session=True, preexec_fn=_die_with_parent)
+        with open(self.home / "trace.txt", "w") as out:
+            self.reader = subprocess.Popen([PCSC_SPY, "-n"], env=user_env(HOME=str(self.home)),
+                                           stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=subprocess.PIPE, text=True,
+                                           start_new_session=True, preexec_fn=_die_with_parent)
         self._undo = CLEANUP.push(self.close)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.fifo.exists():   # pcsc-spy makes the FIFO, then opens it
