@@ -9,9 +9,10 @@ JSON file (bench-results.json by default):
    and uretprobe to the 18 SCard* functions; pcsc-ebpf-spy attached to the
    client (-p PID, text to a file), as it starts by default (--buffer auto:
    the BPF ring buffer on kernels that have one) and with the perf buffer
-   (--buffer perf); pcsc-lite's pcsc-spy (libpcscspy through
-   LD_PRELOAD, with its reader `pcsc-spy -n` running, its text to a file too).  The variants take
-   turns, round after round; the figure is the median over the rounds.
+   (--buffer perf); pcsc-lite's pcsc-spy (libpcscspy through LD_PRELOAD,
+   with its reader `pcsc-spy -n` running, its text to a file too).  The
+   variants take turns, round after round; the figure is the median over
+   the rounds.
 2. SCardTransmit in a loop against the virtual card, per call, for: no
    tracing, the floor, pcsc-ebpf-spy and pcsc-spy, taking turns as in 1;
    each one's median and its ratio to the untraced median.

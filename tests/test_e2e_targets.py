@@ -187,7 +187,9 @@ def test_pid_stays_traced_when_its_main_thread_ends_first(spawn, client_bin, tra
     process's end.)"""
     p = held(spawn, client_bin, "main-exits-first")
     t = tracer("-n", "-p", p.pid, "--lib", SYSTEM_LIB)
-    out = finish(p, "\n")
+    # One line runs the client; the other thread reads the second once the
+    # main thread has ended.
+    out = finish(p, "\n\n")
     assert calls_of_client(out) == [("SCardEstablishContext", "0x00000000"),
                                     ("SCardIsValidContext", "0x00000000"),
                                     ("SCardReleaseContext", "0x00000000")]
@@ -221,10 +223,10 @@ def test_the_kernel_forgets_a_process_with_its_last_thread(spawn, client_bin):
         assert capture.traced_pids() == [p.pid]
         p.stdin.write("\n")
         p.stdin.flush()
-        # the main thread ends at once; the other one calls 300 ms later
+        # The main thread ends at once; the other one waits for a line.
         wait_for(lambda: _thread_state(p.pid, p.pid) == "Z", "the main thread to end")
         assert capture.traced_pids() == [p.pid]
-        out = finish(p)
+        out = finish(p, "\n")
         assert len(calls_of_client(out)) == 3
         assert capture.traced_pids() == []
     finally:

@@ -870,14 +870,24 @@ static int scenario_threads(long t, long n)
 
 /* ------------------------------------------------------------------ */
 /* scenario: main-exits-first: the main thread ends (pthread_exit), and  */
-/* another thread makes its calls after that, then ends the process.  */
+/* another thread, once it has, waits for a line on stdin, makes its     */
+/* calls, then ends the process.                                        */
+
+static pthread_t main_thread;
 
 static void *late_thread(void *p)
 {
 	SCARDCONTEXT hContext = 0;
+	char line[16];
 
 	(void)p;
-	sleep_ms(300);	/* the main thread has ended by then */
+	/* Returns once the main thread has ended: a joinable thread, even
+	 * when it ends with pthread_exit(). */
+	if (pthread_join(main_thread, NULL) != 0)
+		fail("%s\n", "pthread_join of the main thread failed");
+	/* A test may look at the process in between. */
+	if (!fgets(line, sizeof(line), stdin))
+		fail("%s\n", "no line on stdin");
 	if (establish(&hContext) == SCARD_S_SUCCESS) {
 		report("SCardIsValidContext", SCardIsValidContext(hContext), SCARD_S_SUCCESS);
 		report("SCardReleaseContext", SCardReleaseContext(hContext), SCARD_S_SUCCESS);
@@ -890,6 +900,7 @@ static int scenario_main_exits_first(void)
 {
 	pthread_t th;
 
+	main_thread = pthread_self();
 	if (pthread_create(&th, NULL, late_thread, NULL) != 0) {
 		fail("%s\n", "pthread_create failed");
 		return 1;
