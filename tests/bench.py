@@ -168,6 +168,13 @@ def _proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _thread_cpu_ns(pid):
+    """CPU time of a single-threaded process, in ns (schedstat: exact, where
+    utime + stime count whole clock ticks)."""
+    with open("/proc/%d/schedstat" % pid) as f:
+        return int(f.read().split()[0])
+
+
 def _vm_kib(pid, field="VmHWM"):
     """A field of /proc/PID/status, in KiB (VmHWM: peak RSS)."""
     with open("/proc/%d/status" % pid) as f:
@@ -191,13 +198,37 @@ def _per_call_us(pattern, stderr):
     return seconds * 1e6 / calls if calls else None
 
 
+# A call this long waited for a CPU (a round trip takes ~0.1 ms here): the
+# time spent in such calls is what other work on the machine took from the
+# loop, apart from what it added to every call.
+STALL_US = 1000.0
+
+
+def latency_spread(path):
+    """How one loop's calls' times spread (the client wrote them, in ns):
+    median, 99th and 99.9th percentiles in µs, and the share of the loop's
+    time spent in calls longer than STALL_US."""
+    with open(path) as f:
+        us = sorted(int(line) / 1000 for line in f)
+    os.unlink(path)
+    if not us:
+        return None
+
+    def pct(q):
+        return us[min(len(us) - 1, int(q * len(us)))]
+
+    return dict(p50_us=pct(0.5), p99_us=pct(0.99), p999_us=pct(0.999),
+                stalled_share=sum(x for x in us if x > STALL_US) / sum(us))
+
+
 class Client:
     """pcsc_client runs against the stack, loading libpcsclite from libdir."""
 
-    def __init__(self, binary, stack, libdir):
+    def __init__(self, binary, stack, libdir, workdir):
         self.binary = binary
         self.stack = stack
         self.libdir = libdir
+        self.latencies = os.path.join(workdir, "latencies.txt")
 
     def env(self, **extra):
         env = dict(self.stack.env, PCSC_CLIENT_QUIET="1")
@@ -207,9 +238,11 @@ class Client:
         return env
 
     def run(self, scenario, n, env=None):
-        """Run to the end: (µs per call from its timing line, its CPU µs per call)."""
+        """Run to the end: (µs per call from its timing line, its CPU µs per
+        call, the spread of its calls' times (loop only, else None))."""
         cpu0 = _child_cpu()
-        p = subprocess.run([self.binary, scenario, str(n)], env=env or self.env(),
+        p = subprocess.run([self.binary, scenario, str(n)],
+                           env=self._with_latencies(scenario, env or self.env()),
                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=RUN_TIMEOUT, preexec_fn=_die_with_parent)
         cpu = _child_cpu() - cpu0
@@ -217,32 +250,41 @@ class Client:
             raise RuntimeError("pcsc_client %s %d failed (%d): %s"
                                % (scenario, n, p.returncode, p.stderr.strip()[-500:]))
         pattern = _ISVALID if scenario == "isvalid" else _LOOP
-        return _per_call_us(pattern, p.stderr), cpu * 1e6 / n
+        return _per_call_us(pattern, p.stderr), cpu * 1e6 / n, self._spread(scenario)
 
     def held(self, scenario, n):
-        return Held([self.binary, scenario, str(n)], self.env())
+        return Held([self.binary, scenario, str(n)], self._with_latencies(scenario, self.env()),
+                    lambda: self._spread(scenario))
+
+    def _with_latencies(self, scenario, env):
+        return dict(env, PCSC_CLIENT_LATENCIES=self.latencies) if scenario == "loop" else env
+
+    def _spread(self, scenario):
+        return latency_spread(self.latencies) if scenario == "loop" else None
 
 
 class Held:
     """The client held before exec (a shell waiting for a line, then exec:
     the pid stays), so the tracer attaches to it before its first call."""
 
-    def __init__(self, argv, env):
+    def __init__(self, argv, env, spread):
         self.proc = subprocess.Popen(["sh", "-c", 'read _ && exec "$@"', "sh", *argv],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
+        self.spread = spread
         self._undo = CLEANUP.push(self.kill)
 
     def release(self, pattern, n):
+        """As Client.run's result."""
         cpu0 = _child_cpu()
         _, err = self.proc.communicate("go\n", timeout=RUN_TIMEOUT)
         cpu = _child_cpu() - cpu0
         CLEANUP.discard(self._undo)
         if self.proc.returncode != 0:
             raise RuntimeError("client failed (%d): %s" % (self.proc.returncode, err[-500:]))
-        return _per_call_us(pattern, err), cpu * 1e6 / n
+        return _per_call_us(pattern, err), cpu * 1e6 / n, self.spread()
 
     def kill(self):
         if self.proc.poll() is None:
@@ -495,6 +537,52 @@ class PcscSpy:
         CLEANUP.discard(self._undo)
 
 
+# -- a busy process, no PC/SC ------------------------------------------------------------
+
+# Its CPU share before any traced run has measured the tracer's.
+BUSY_DEFAULT_SHARE = 0.25
+# It works in bursts, as the tracer does (woken once per batch of records).
+BUSY_PERIOD_S = 0.06
+
+_BUSY_SOURCE = r"""
+import sys, time
+share, period = float(sys.argv[1]), float(sys.argv[2])
+print("ready", flush=True)
+while True:
+    until = time.perf_counter() + share * period
+    while time.perf_counter() < until:
+        pass
+    time.sleep(max(0.0, 1 - share) * period)
+"""
+
+
+class BusyProcess:
+    """A process that has nothing to do with PC/SC and uses a CPU share in
+    bursts: what any such neighbour costs the loop on this machine, to set
+    beside what the tracer costs it."""
+
+    def __init__(self, share):
+        self.proc = subprocess.Popen([sys.executable, "-c", _BUSY_SOURCE, "%.4f" % share,
+                                      str(BUSY_PERIOD_S)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=_die_with_parent)
+        self._undo = CLEANUP.push(self.stop)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the busy process did not start")
+        self.t0, self.cpu0 = time.monotonic_ns(), _thread_cpu_ns(self.proc.pid)
+
+    def stop(self):
+        """Its CPU share since it was ready."""
+        share = None
+        if self.proc.poll() is None:
+            share = (_thread_cpu_ns(self.proc.pid) - self.cpu0) / (time.monotonic_ns() - self.t0)
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        CLEANUP.discard(self._undo)
+        return share
+
+
 # -- the benchmark ------------------------------------------------------------------------
 
 class Bench:
@@ -506,6 +594,8 @@ class Bench:
         from ebpf_pcsc.functions import FUNCTIONS
         self.floor = Floor(lib, [fn.name for fn in FUNCTIONS])
         self.tracer_runs = []     # every tracer run: shown, lost, start, rss, cpu
+        self.tracer_share = None  # the tracer's CPU share in the last SCardTransmit loop
+        self.busy_shares = []     # the busy process's, run after run
 
     # one run of each kind
     def _untraced(self, scenario, n):
@@ -517,6 +607,16 @@ class Bench:
             return self.client.run(scenario, n)
         finally:
             self.floor.detach()
+
+    def _busy(self, scenario, n):
+        """Untraced, beside a busy process taking the CPU share the tracer
+        took in its last run of the loop."""
+        share = BUSY_DEFAULT_SHARE if self.tracer_share is None else self.tracer_share
+        busy = BusyProcess(min(share, 1.0))
+        try:
+            return self.client.run(scenario, n)
+        finally:
+            self.busy_shares.append(busy.stop())
 
     def _pcsc_spy(self, scenario, n):
         spy = PcscSpy(self.workdir)
@@ -540,8 +640,12 @@ class Bench:
             tracer.kill()
             raise
         run = tracer.stop(fn)
-        run.update(kind=kind, calls=n, tracer_cpu_s=cpu,
+        # Its CPU share: what it used for these calls over the time they took.
+        share = cpu / (result[0] * n / 1e6) if n and result[0] else None
+        run.update(kind=kind, calls=n, tracer_cpu_s=cpu, cpu_share=share,
                    tracer_cpu_ms_per_1000_calls=cpu * 1e3 / n * 1000 if n else None)
+        if scenario == "loop":
+            self.tracer_share = share
         self.tracer_runs.append(run)
         return result, run
 
@@ -552,18 +656,30 @@ class Bench:
         median over the rounds and every run."""
         wall = {name: [] for name, _ in variants}
         cpu = {name: [] for name, _ in variants}
+        spreads = {name: [] for name, _ in variants}
         for r in range(rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for name, run in order:
-                us, cpu_us = run(scenario, n)
+                us, cpu_us, spread = run(scenario, n)
                 wall[name].append(us)
                 cpu[name].append(cpu_us)
-                log("%s round %d/%d: %-13s %8.*f us/call (client CPU %.*f us/call)"
-                    % (label, r + 1, rounds, name, digits, us, digits, cpu_us))
-        return {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
-                           client_cpu_us_per_call=median(cpu[name]),
-                           runs_client_cpu_us_per_call=cpu[name])
-                for name, _ in variants}
+                if spread is not None:
+                    spreads[name].append(spread)
+                log("%s round %d/%d: %-13s %8.*f us/call (client CPU %.*f us/call)%s"
+                    % (label, r + 1, rounds, name, digits, us, digits, cpu_us,
+                       "" if spread is None else
+                       "; p50 %.1f, p99.9 %.0f us, %.1f%% of the time in calls > %.0f ms"
+                       % (spread["p50_us"], spread["p999_us"], 100 * spread["stalled_share"],
+                          STALL_US / 1000)))
+        figures = {name: dict(us_per_call=median(wall[name]), runs_us_per_call=wall[name],
+                              client_cpu_us_per_call=median(cpu[name]),
+                              runs_client_cpu_us_per_call=cpu[name])
+                   for name, _ in variants}
+        for name, runs in spreads.items():
+            if runs:
+                figures[name]["latency"] = {k: median([x[k] for x in runs]) for k in runs[0]}
+                figures[name]["runs_latency"] = runs
+        return figures
 
     def isvalid(self):
         n, rounds = self.c["isvalid_calls"], self.c["isvalid_rounds"]
@@ -586,7 +702,7 @@ class Bench:
         n, rounds = self.c["loop_calls"], self.c["loop_rounds"]
         variants = [("untraced", self._untraced), ("floor", self._floor),
                     ("pcsc-ebpf-spy", lambda s, n: self._traced(s, n, "transmit")[0]),
-                    ("pcsc-spy", self._pcsc_spy)]
+                    ("pcsc-spy", self._pcsc_spy), ("busy process", self._busy)]
         figures = self._take_turns(variants, "loop", n, rounds, 1, "transmit")
         untraced = figures["untraced"]
         for fig in figures.values():
@@ -600,11 +716,14 @@ class Bench:
         runs = [t for t in self.tracer_runs if t["kind"] == "transmit"]
         return dict(calls=n, rounds=rounds, variants=figures,
                     tracer_shown=[t["shown"] for t in runs],
-                    tracer_lost_events=[t["lost_events"] for t in runs])
+                    tracer_lost_events=[t["lost_events"] for t in runs],
+                    tracer_cpu_share=median([t["cpu_share"] for t in runs]),
+                    busy_cpu_share=median([x for x in self.busy_shares if x is not None]),
+                    stall_us=STALL_US)
 
     def burst(self):
         n = self.c["burst_calls"]
-        (us, _), run = self._traced("isvalid", n, "burst")
+        (us, _, _), run = self._traced("isvalid", n, "burst")
         log("burst: %d calls, %d shown, %d events lost, %.1f ms CPU per 1000 calls"
             % (n, run["shown"], run["lost_events"], run["tracer_cpu_ms_per_1000_calls"]))
         return dict(calls=n, shown=run["shown"], lost_events=run["lost_events"],
@@ -697,6 +816,16 @@ def table(res):
         return row(label, f(trv[key]["us_per_call"], ".1f"),
                    f(trv[key]["client_cpu_us_per_call"], ".1f"))
 
+    def latency(label, key):
+        lat = trv[key].get("latency")
+        if lat is None:
+            return row(label, "-")
+        return row(label, "%.1f / %.0f / %.1f%%" % (lat["p50_us"], lat["p999_us"],
+                                                   100 * lat["stalled_share"]))
+
+    def share(x):
+        return "-" if x is None else "%.0f%%" % (100 * x)
+
     rows = [
         row("SCardIsValidContext, µs/call (median of %d x %d calls)" % (ivr["rounds"], ivr["calls"])),
         variant("  untraced", "untraced"),
@@ -726,6 +855,16 @@ def table(res):
             target="SCardTransmit: traced / untraced"),
         row("    each round's own ratio: median (quartiles)",
             spread(trv["pcsc-ebpf-spy"]["round_ratio_quartiles"])),
+        transmit("  busy process, no PC/SC (CPU share %s; the tracer's: %s)"
+                 % (share(tr["busy_cpu_share"]), share(tr["tracer_cpu_share"])), "busy process"),
+        row("    / untraced", f(trv["busy process"]["ratio"], ".3f")),
+        row("SCardTransmit, each call: p50 µs / p99.9 µs / time in calls > %.0f ms (medians)"
+            % (tr["stall_us"] / 1000)),
+        latency("  untraced", "untraced"),
+        latency("  floor", "floor"),
+        latency("  pcsc-spy", "pcsc-spy"),
+        latency("  pcsc-ebpf-spy", "pcsc-ebpf-spy"),
+        latency("  busy process", "busy process"),
         row("Burst of %d SCardIsValidContext (full speed, traced)" % burst["calls"]),
         row("  calls shown", "%d" % burst["shown"]),
         row("  calls lost", "%d" % (burst["calls"] - burst["shown"]), target="burst: calls lost"),
@@ -826,7 +965,7 @@ def _bench(args, counts):
         shutil.copy2(SYSTEM_LIB, lib)
     stack = PcscStack()
     CLEANUP.push(stack.close)
-    client = Client(client_bin, stack, libdir)
+    client = Client(client_bin, stack, libdir, workdir)
     bench = Bench(counts, lib, libdir, client, workdir)
 
     t0 = time.monotonic()

@@ -21,6 +21,8 @@ ROWS = [
     "  pcsc-ebpf-spy --buffer perf",
     "SCardTransmit, µs/call",
     "    / untraced",
+    "  busy process, no PC/SC",
+    "SCardTransmit, each call: p50 µs / p99.9 µs / time in calls > 1 ms",
     "Burst of",
     "  calls shown",
     "  calls lost",
@@ -62,19 +64,45 @@ def test_bench_quick(tmp_path):
         assert _number(res["isvalid"][variant]["us_per_call"]), variant
         assert res["isvalid"][variant]["us_per_call"] > 0, variant
     tr = res["transmit"]["variants"]
-    for variant in ("untraced", "floor", "pcsc-ebpf-spy", "pcsc-spy"):
+    variants = ("untraced", "floor", "pcsc-spy", "pcsc-ebpf-spy", "busy process")
+    for variant in variants:
         assert _number(tr[variant]["us_per_call"]) and tr[variant]["us_per_call"] > 0, variant
+        lat = tr[variant]["latency"]
+        assert 0 < lat["p50_us"] <= lat["p99_us"] <= lat["p999_us"], (variant, lat)
+        assert 0 <= lat["stalled_share"] <= 1, (variant, lat)
+        assert len(tr[variant]["runs_latency"]) == res["counts"]["loop_rounds"], variant
+    for key in ("tracer_cpu_share", "busy_cpu_share"):
+        assert _number(res["transmit"][key]) and res["transmit"][key] >= 0, key
+
+    def section(start, end):
+        """The rows between two headings: (label, first figure)."""
+        first = next(i for i, line in enumerate(body) if line.startswith(start))
+        last = next(i for i, line in enumerate(body) if line.startswith(end))
+        return [re.match(r"( *\S.*?)(?: {2,}|$)(\S*)", line).groups()
+                for line in body[first + 1:last]]
+
     # The SCardTransmit rows, in order, each ratio as the JSON has it.
-    first = next(i for i, line in enumerate(body) if line.startswith("SCardTransmit, µs/call"))
-    last = next(i for i, line in enumerate(body) if line.startswith("Burst of"))
-    section = [re.match(r"( *\S.*?)(?: {2,}|$)(\S*)", line).groups() for line in body[first + 1:last]]
-    assert [label for label, _ in section] == [
+    rows = section("SCardTransmit, µs/call", "SCardTransmit, each call")
+    busy = "  busy process, no PC/SC (CPU share %.0f%%; the tracer's: %.0f%%)" % (
+        100 * res["transmit"]["busy_cpu_share"], 100 * res["transmit"]["tracer_cpu_share"])
+    assert [label for label, _ in rows] == [
         "  untraced", "  floor: empty uprobe+uretprobe", "    / untraced",
         "  pcsc-spy (LD_PRELOAD, reader running)", "    / untraced",
-        "  pcsc-ebpf-spy", "    / untraced", "    each round's own ratio: median (quartiles)"], \
-        p.stdout
-    assert [figure for label, figure in section if label == "    / untraced"] == [
-        "%.3f" % tr[v]["ratio"] for v in ("floor", "pcsc-spy", "pcsc-ebpf-spy")]
+        "  pcsc-ebpf-spy", "    / untraced", "    each round's own ratio: median (quartiles)",
+        busy, "    / untraced"], p.stdout
+    assert [figure for label, figure in rows if label == "    / untraced"] == [
+        "%.3f" % tr[v]["ratio"] for v in ("floor", "pcsc-spy", "pcsc-ebpf-spy", "busy process")]
+    # How each variant's calls' times spread, as the JSON has it.
+    rows = [(label, line) for (label, _), line in zip(
+        section("SCardTransmit, each call", "Burst of"),
+        body[next(i for i, line in enumerate(body)
+                  if line.startswith("SCardTransmit, each call")) + 1:])]
+    assert [label for label, _ in rows] == ["  untraced", "  floor", "  pcsc-spy",
+                                            "  pcsc-ebpf-spy", "  busy process"], p.stdout
+    for (label, line), variant in zip(rows, variants):
+        lat = tr[variant]["latency"]
+        assert "%.1f / %.0f / %.1f%%" % (lat["p50_us"], lat["p999_us"],
+                                         100 * lat["stalled_share"]) in line, (variant, line)
     ratios = tr["pcsc-ebpf-spy"]["round_ratios"]
     assert len(ratios) == res["counts"]["loop_rounds"] == 2
     low, mid, high = tr["pcsc-ebpf-spy"]["round_ratio_quartiles"]

@@ -16,7 +16,9 @@
  *
  * Environment: PCSC_CLIENT_QUIET=1 suppresses the per-call lines of the
  * repeated calls of the `loop`, `isvalid` and `threads` scenarios (the
- * calls around them are still printed).
+ * calls around them are still printed).  PCSC_CLIENT_LATENCIES=FILE: the
+ * `loop` scenario writes each SCardTransmit's time to FILE, in ns, one per
+ * line (the benchmark reads how the calls' times spread, not just their mean).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -688,16 +690,37 @@ static int scenario_loop(long n)
 		return 1;
 	if (connect_shared(hContext, &hCard, &dwActiveProtocol) != SCARD_S_SUCCESS)
 		return 1;
+	const char *latencies_path = getenv("PCSC_CLIENT_LATENCIES");
+	/* Kept in memory during the loop: writing them as they come would
+	 * add to the times measured. */
+	double *latencies = latencies_path ? calloc(n ? n : 1, sizeof(*latencies)) : NULL;
+
+	if (latencies_path && !latencies)
+		fail("%s\n", "no memory for the latencies");
 	t0 = now_s();
-	for (i = 0; i < n; i++)
+	for (i = 0; i < n; i++) {
+		double start = latencies ? now_s() : 0;
+
 		if (transmit_get_challenge(hCard, dwActiveProtocol, !quiet_repeats)
 		    != SCARD_S_SUCCESS)
 			break;
+		if (latencies)
+			latencies[i] = now_s() - start;
+	}
 	t1 = now_s();
 	report("SCardDisconnect", SCardDisconnect(hCard, SCARD_LEAVE_CARD), SCARD_S_SUCCESS);
 	report("SCardReleaseContext", SCardReleaseContext(hContext), SCARD_S_SUCCESS);
 	fprintf(stderr, "loop: %ld transmits in %.6f s (%.3f us/call)\n", i, t1 - t0,
 		i ? (t1 - t0) * 1e6 / i : 0.0);
+	if (latencies) {
+		FILE *f = fopen(latencies_path, "w");
+
+		for (long k = 0; f && k < i; k++)
+			fprintf(f, "%.0f\n", latencies[k] * 1e9);
+		if (!f || fclose(f) != 0)
+			fail("cannot write the latencies to %s\n", latencies_path);
+		free(latencies);
+	}
 	return failures ? 1 : 0;
 }
 
