@@ -9,6 +9,7 @@ import os
 import re
 import select
 import sys
+import time
 from typing import Callable, List, Optional, Sequence
 
 from . import codegen, ringbuf, uprobes
@@ -35,20 +36,43 @@ def default_perf_pages() -> int:
         pages *= 2
     return pages
 
-# Wake the reader once per this many bytes of records, not for each record:
-# every wakeup is an interrupt the traced thread pays for, raised by the
-# record that reaches the mark -- a self-IPI, which a virtual machine turns
-# into an exit (perf showed ~10 us each; ~20 us per call with a wakeup per
-# record, ~0.3 us with one per 64 records).  What is left below the mark is
-# read when the tracer's poll times out (session.POLL_MS, 100 ms).  The mark
-# stays under a quarter of the buffer, so that a burst of large records
-# (16 KiB chunks of extended APDUs) cannot fill it unheard.
+# The kernel wakes the reader once per this many bytes of records, not for
+# each record: every wakeup is an interrupt the traced thread pays for,
+# raised by the record that reaches the mark -- a self-IPI, which a virtual
+# machine turns into an exit (perf showed ~10 us each; ~20 us per call with
+# a wakeup per record, ~0.3 us with one per 64 records).  What is left below
+# the mark is read when the tracer's poll times out (session.POLL_MS,
+# 100 ms).  The perf buffer's mark; the ring buffer's is an eighth of it
+# (see BUSY_PERIOD_S).  Either stays under a quarter of the buffer, so that a
+# burst of large records (16 KiB chunks of extended APDUs) cannot fill it
+# unheard.
 WAKEUP_BYTES = 256 << 10
+
+# The ring buffer is read in passes.  While the records come slowly (less
+# than HEAVY_BYTES since the last pass), at every poll: a call shows within
+# session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S, or as soon
+# as an eighth of the buffer waits (the kernel then wakes the reader).  On a
+# machine with few CPUs, the reader's work slows the traced processes less
+# in a few long passes than in many short ones: each pass makes their
+# wake-ups land on a busy CPU, which costs them an IPI and, now and then, a
+# wait of a whole tick.  Measured on 2 vCPUs: a process spinning a third of
+# the time cost an SCardTransmit loop 1.24 x in bursts of 20 ms, 1.12 x in
+# bursts of 100 ms; the tracer reading once a second instead of every
+# ~75 ms (a wakeup per 256 KiB), 1.07-1.13 x instead of 1.17-1.24 x in loops
+# of 3 to 10 s (once every 0.5 s: 1.16-1.19 x).
+HEAVY_BYTES = 256 << 10
+BUSY_PERIOD_S = 1.0
 
 
 def wakeup_bytes(buffer_bytes: int) -> int:
     """The ring buffer's mark, for a ring of buffer_bytes."""
-    return max(1, min(WAKEUP_BYTES, buffer_bytes // 4))
+    return max(1, buffer_bytes // 8)
+
+
+def pass_due(pending: int, since_last_pass_s: float, mark: int) -> bool:
+    """Whether to read the ring buffer now, with pending bytes of records in
+    it, since_last_pass_s after the last pass, its wakeup mark being mark."""
+    return pending < HEAVY_BYTES or pending >= mark or since_last_pass_s >= BUSY_PERIOD_S
 
 
 def perf_wakeup_events(buffer_bytes: int) -> int:
@@ -144,6 +168,8 @@ class Capture:
         self._batch: List[bytes] = []
         self._rings = {}        # ring buffers: name -> RingBuffer
         self._epoll = None
+        self._mark = 0              # the ring buffer's wakeup mark, in bytes
+        self._last_pass = 0.0       # when the ring buffer was last read (monotonic)
         self._loads: List[bytes] = []
         self.multi = False      # uprobe_multi links (else one perf event per probe)
         self._phase_programs = {}   # uprobe_multi: is-return -> the phase's program fd
@@ -164,10 +190,11 @@ class Capture:
         self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
         ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
+        self._mark = wakeup_bytes(ring_pages[0] * mmap.PAGESIZE)
         try:
             cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
                                     ring_pages=ring_pages if self.ring else None,
-                                    wakeup_bytes=wakeup_bytes(ring_pages[0] * mmap.PAGESIZE),
+                                    wakeup_bytes=self._mark,
                                     inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
                                     or kernel_release() < (6, 2))
         except (BTFError, OSError) as e:
@@ -236,7 +263,7 @@ class Capture:
         # record, so a level-triggered reader would come back for each few
         # records of a slow stream (a batch's overhead each time, while the
         # traced threads want the CPUs).  Woken by the kernel only (once per
-        # WAKEUP_BYTES of records), or by the poll's timeout.
+        # wakeup_bytes() of records), or by the poll's timeout.
         self._epoll = select.epoll()
         for ring in self._rings.values():
             self._epoll.register(ring.fd, select.EPOLLIN | select.EPOLLET)
@@ -376,15 +403,20 @@ class Capture:
     def _on_load(self, cpu, data, size) -> None:
         self._loads.append(ctypes.string_at(data, size))
 
-    def poll(self, timeout_ms: int) -> List[bytes]:
+    def poll(self, timeout_ms: int, everything: bool = False) -> List[bytes]:
         """The call records that arrived, in arrival order (see take_loads()
-        for the library loads)."""
+        for the library loads).  From the ring buffer, those of a pass when
+        one is due (BUSY_PERIOD_S); with everything, all that arrived."""
         if self.ring:
             self._epoll.poll(timeout_ms / 1000)
             # Loads first: a process's library load precedes its calls.
             if "loads" in self._rings:
                 self._loads.extend(self._rings["loads"].read())
-            self._batch.extend(self._rings["events"].read())
+            events = self._rings["events"]
+            now = time.monotonic()
+            if everything or pass_due(events.pending(), now - self._last_pass, self._mark):
+                self._batch.extend(events.read())
+                self._last_pass = now
         else:
             self._bpf.perf_buffer_poll(timeout=timeout_ms)
             self._bpf.perf_buffer_consume()

@@ -85,6 +85,12 @@ class RingBuffer:
         _POSITION.pack_into(self._consumer, 0, consumer)
         return records
 
+    def pending(self) -> int:
+        """Bytes of records not read yet (some may not be committed yet)."""
+        consumer, = _POSITION.unpack_from(self._consumer)
+        producer, = _POSITION.unpack_from(self._producer)
+        return producer - consumer
+
     def close(self) -> None:
         self._data.release()
         self._producer.close()

@@ -48,8 +48,9 @@ class Options:
 
 
 # The longest the tracer sleeps: how late a call that wakes no one (the
-# kernel side wakes the tracer once per batch of records) may show, and how
-# often -p looks whether its processes have ended, and Ctrl-C is seen.
+# kernel side wakes the tracer once per batch of records) may show while the
+# calls come slowly (while they come fast, see capture.BUSY_PERIOD_S), and
+# how often -p looks whether its processes have ended, and Ctrl-C is seen.
 POLL_MS = 100
 
 
@@ -345,7 +346,7 @@ def trace(opts: Options, out) -> int:
             if _drain(capture, assembler, outputs.sink, finder, POLL_MS):
                 out.flush()
         # Events submitted before the end may still be in the buffers.
-        while _drain(capture, assembler, outputs.sink, finder, 0):
+        while _drain(capture, assembler, outputs.sink, finder, 0, everything=True):
             pass
         outputs.stats.lost = capture.lost
         for call in assembler.pending():
@@ -445,10 +446,12 @@ def _describe(libs: List[targets.Library]) -> str:
     return libs[0].shown + " (pid %s)" % ", ".join(pids)
 
 
-def _drain(capture: Capture, assembler: Assembler, sink, finder, timeout_ms: int) -> int:
-    """Poll once; feed what arrived, oldest first, and hand it all on to the
-    outputs (sink, the assembler's).  Returns the count."""
-    batch = capture.poll(timeout_ms)
+def _drain(capture: Capture, assembler: Assembler, sink, finder, timeout_ms: int,
+           everything: bool = False) -> int:
+    """Poll once; feed what arrived (everything: all of it, not just a pass
+    that is due), oldest first, and hand it all on to the outputs (sink, the
+    assembler's).  Returns the count."""
+    batch = capture.poll(timeout_ms, everything)
     if finder is not None:
         if capture.loads_lost():
             # Some library loads went unreported: look at every process.

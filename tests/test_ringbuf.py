@@ -59,3 +59,30 @@ def test_a_record_that_wraps_around_the_end_reads_whole():
 
 def test_nothing_new():
     assert parse(Ring().data(), SIZE - 1, 40, 40) == ([], 40)
+
+
+# When the tracer reads the ring buffer (capture.pass_due): a slow stream at
+# every poll, a fast one in passes, and at once when the kernel's mark is
+# reached.
+from ebpf_pcsc.capture import BUSY_PERIOD_S, HEAVY_BYTES, pass_due, wakeup_bytes  # noqa: E402
+
+MARK = wakeup_bytes(64 << 20)
+
+
+def test_a_slow_stream_is_read_at_every_poll():
+    assert pass_due(0, 0.0, MARK)
+    assert pass_due(HEAVY_BYTES - 1, 0.0, MARK)
+
+
+def test_a_fast_stream_waits_for_its_pass():
+    assert not pass_due(HEAVY_BYTES, 0.0, MARK)
+    assert not pass_due(MARK - 1, BUSY_PERIOD_S * 0.99, MARK)
+    assert pass_due(HEAVY_BYTES, BUSY_PERIOD_S, MARK)
+
+
+def test_the_kernels_mark_is_read_at_once():
+    assert pass_due(MARK, 0.0, MARK)
+    # The mark leaves most of the buffer for what comes while the reader wakes.
+    assert HEAVY_BYTES < MARK <= (64 << 20) // 4
+    # A small buffer (--perf-pages 1) is woken for an eighth of it.
+    assert wakeup_bytes(4096) == 512
