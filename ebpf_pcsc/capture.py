@@ -408,11 +408,13 @@ class Capture:
         for the library loads).  From the ring buffer, those of a pass when
         one is due (BUSY_PERIOD_S); with everything, all that arrived."""
         if self.ring:
-            self._epoll.poll(timeout_ms / 1000)
+            events = self._rings["events"]
+            # Behind (an eighth of the buffer waits): no sleep before the
+            # next pass.  The kernel wakes us again only at the next mark.
+            self._epoll.poll(0 if events.pending() >= self._mark else timeout_ms / 1000)
             # Loads first: a process's library load precedes its calls.
             if "loads" in self._rings:
                 self._loads.extend(self._rings["loads"].read())
-            events = self._rings["events"]
             now = time.monotonic()
             if everything or pass_due(events.pending(), now - self._last_pass, self._mark):
                 self._batch.extend(events.read())
