@@ -42,17 +42,18 @@ def default_perf_pages() -> int:
 # machine turns into an exit (perf showed ~10 us each; ~20 us per call with
 # a wakeup per record, ~0.3 us with one per 64 records).  What is left below
 # the mark is read when the tracer's poll times out (session.POLL_MS,
-# 100 ms).  The perf buffer's mark; the ring buffer's is an eighth of it
-# (see BUSY_PERIOD_S).  Either stays under a quarter of the buffer, so that a
-# burst of large records (16 KiB chunks of extended APDUs) cannot fill it
-# unheard.
+# 100 ms).  The perf buffer's mark; the ring buffer's is RING_WAKEUP_BYTES.
+# Either stays under a quarter of the buffer, so that a burst of large
+# records (16 KiB chunks of extended APDUs) cannot fill it unheard.
 WAKEUP_BYTES = 256 << 10
+RING_WAKEUP_BYTES = 1 << 20
 
 # The ring buffer is read in passes.  While the records come slowly (less
 # than HEAVY_BYTES since the last pass), at every poll: a call shows within
-# session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S, or as soon
-# as an eighth of the buffer waits (the kernel then wakes the reader).  On a
-# machine with few CPUs, the reader's work slows the traced processes less
+# session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S; but at
+# once when they come so fast that, left until then, they would fill a
+# quarter of the buffer (a burst at full speed: the reader keeps at it).  On
+# a machine with few CPUs, the reader's work slows the traced processes less
 # in a few long passes than in many short ones: each pass makes their
 # wake-ups land on a busy CPU, which costs them an IPI and, now and then, a
 # wait of a whole tick.  Measured on 2 vCPUs: a process spinning a third of
@@ -66,13 +67,15 @@ BUSY_PERIOD_S = 1.0
 
 def wakeup_bytes(buffer_bytes: int) -> int:
     """The ring buffer's mark, for a ring of buffer_bytes."""
-    return max(1, buffer_bytes // 8)
+    return max(1, min(RING_WAKEUP_BYTES, buffer_bytes // 8))
 
 
-def pass_due(pending: int, since_last_pass_s: float, mark: int) -> bool:
-    """Whether to read the ring buffer now, with pending bytes of records in
-    it, since_last_pass_s after the last pass, its wakeup mark being mark."""
-    return pending < HEAVY_BYTES or pending >= mark or since_last_pass_s >= BUSY_PERIOD_S
+def pass_due(pending: int, since_last_pass_s: float, buffer_bytes: int) -> bool:
+    """Whether to read the ring buffer (of buffer_bytes) now, with pending
+    bytes of records in it, since_last_pass_s after the last pass."""
+    return (pending < HEAVY_BYTES or since_last_pass_s >= BUSY_PERIOD_S
+            # at this pace, a quarter of the buffer before the next pass
+            or pending * BUSY_PERIOD_S >= since_last_pass_s * (buffer_bytes // 4))
 
 
 def perf_wakeup_events(buffer_bytes: int) -> int:
@@ -168,8 +171,8 @@ class Capture:
         self._batch: List[bytes] = []
         self._rings = {}        # ring buffers: name -> RingBuffer
         self._epoll = None
-        self._mark = 0              # the ring buffer's wakeup mark, in bytes
-        self._last_pass = 0.0       # when the ring buffer was last read (monotonic)
+        self._ring_bytes = 0        # the calls' ring buffer's size
+        self._last_pass = 0.0       # when it was last read (monotonic)
         self._loads: List[bytes] = []
         self.multi = False      # uprobe_multi links (else one perf event per probe)
         self._phase_programs = {}   # uprobe_multi: is-return -> the phase's program fd
@@ -190,11 +193,11 @@ class Capture:
         self.multi = os.environ.get(ATTACH_ENV) != "perf" and uprobes.supported()
         source = codegen.program_source(self.functions)
         ring_pages = (self._ring_pages(self.perf_pages), self._ring_pages(LOADS_PAGES))
-        self._mark = wakeup_bytes(ring_pages[0] * mmap.PAGESIZE)
+        self._ring_bytes = ring_pages[0] * mmap.PAGESIZE
         try:
             cflags = codegen.cflags(self.pids is not None, self.discover, self.multi,
                                     ring_pages=ring_pages if self.ring else None,
-                                    wakeup_bytes=self._mark,
+                                    wakeup_bytes=wakeup_bytes(self._ring_bytes),
                                     inflight_hash=os.environ.get(INFLIGHT_ENV) == "hash"
                                     or kernel_release() < (6, 2))
         except (BTFError, OSError) as e:
@@ -409,14 +412,17 @@ class Capture:
         one is due (BUSY_PERIOD_S); with everything, all that arrived."""
         if self.ring:
             events = self._rings["events"]
-            # Behind (an eighth of the buffer waits): no sleep before the
-            # next pass.  The kernel wakes us again only at the next mark.
-            self._epoll.poll(0 if events.pending() >= self._mark else timeout_ms / 1000)
+            pending = events.pending()
+            # A pass due on a fast stream is made at once (the kernel would
+            # wake us only at its next mark); a slow one is read after the wait.
+            at_once = everything or (pending >= HEAVY_BYTES and pass_due(
+                pending, time.monotonic() - self._last_pass, self._ring_bytes))
+            self._epoll.poll(0 if at_once else timeout_ms / 1000)
             # Loads first: a process's library load precedes its calls.
             if "loads" in self._rings:
                 self._loads.extend(self._rings["loads"].read())
             now = time.monotonic()
-            if everything or pass_due(events.pending(), now - self._last_pass, self._mark):
+            if everything or pass_due(events.pending(), now - self._last_pass, self._ring_bytes):
                 self._batch.extend(events.read())
                 self._last_pass = now
         else:

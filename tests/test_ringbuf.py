@@ -62,27 +62,37 @@ def test_nothing_new():
 
 
 # When the tracer reads the ring buffer (capture.pass_due): a slow stream at
-# every poll, a fast one in passes, and at once when the kernel's mark is
-# reached.
-from ebpf_pcsc.capture import BUSY_PERIOD_S, HEAVY_BYTES, pass_due, wakeup_bytes  # noqa: E402
+# every poll, a fast one in passes, and at once a stream so fast that it
+# would fill a quarter of the buffer before the next pass.
+from ebpf_pcsc.capture import (BUSY_PERIOD_S, HEAVY_BYTES, RING_WAKEUP_BYTES,  # noqa: E402
+                               pass_due, wakeup_bytes)
 
-MARK = wakeup_bytes(64 << 20)
+BUFFER = 64 << 20
+MIB = 1 << 20
 
 
 def test_a_slow_stream_is_read_at_every_poll():
-    assert pass_due(0, 0.0, MARK)
-    assert pass_due(HEAVY_BYTES - 1, 0.0, MARK)
+    assert pass_due(0, 0.0, BUFFER)
+    assert pass_due(HEAVY_BYTES - 1, 0.01, BUFFER)
 
 
 def test_a_fast_stream_waits_for_its_pass():
-    assert not pass_due(HEAVY_BYTES, 0.0, MARK)
-    assert not pass_due(MARK - 1, BUSY_PERIOD_S * 0.99, MARK)
-    assert pass_due(HEAVY_BYTES, BUSY_PERIOD_S, MARK)
+    # An SCardTransmit loop: ~3.5 MB/s of records.
+    assert not pass_due(HEAVY_BYTES, 0.1, BUFFER)
+    assert not pass_due(3 * MIB, 0.9 * BUSY_PERIOD_S, BUFFER)
+    assert pass_due(HEAVY_BYTES, BUSY_PERIOD_S, BUFFER)
 
 
-def test_the_kernels_mark_is_read_at_once():
-    assert pass_due(MARK, 0.0, MARK)
-    # The mark leaves most of the buffer for what comes while the reader wakes.
-    assert HEAVY_BYTES < MARK <= (64 << 20) // 4
-    # A small buffer (--perf-pages 1) is woken for an eighth of it.
+def test_a_stream_that_would_fill_a_quarter_is_read_at_once():
+    # SCardIsValidContext at full speed: ~190 MB/s of records.
+    assert pass_due(2 * MIB, 0.01, BUFFER)
+    # Just under and at the pace that fills a quarter in a period.
+    quarter = BUFFER // 4
+    assert not pass_due(quarter // 4 - 1, 0.25 * BUSY_PERIOD_S, BUFFER)
+    assert pass_due(quarter // 4, 0.25 * BUSY_PERIOD_S, BUFFER)
+
+
+def test_the_kernel_wakes_the_reader_often_enough_to_see_the_pace():
+    assert HEAVY_BYTES < wakeup_bytes(BUFFER) == RING_WAKEUP_BYTES <= BUFFER // 4
+    # A small buffer (--perf-pages 1 and the like) is woken for an eighth of it.
     assert wakeup_bytes(4096) == 512
