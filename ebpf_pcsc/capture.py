@@ -42,17 +42,16 @@ def default_perf_pages() -> int:
 # machine turns into an exit (perf showed ~10 us each; ~20 us per call with
 # a wakeup per record, ~0.3 us with one per 64 records).  What is left below
 # the mark is read when the tracer's poll times out (session.POLL_MS,
-# 100 ms).  The perf buffer's mark; the ring buffer's is RING_WAKEUP_BYTES.
-# Either stays under a quarter of the buffer, so that a burst of large
-# records (16 KiB chunks of extended APDUs) cannot fill it unheard.
+# 100 ms).  The mark stays under a quarter of the buffer, so that a burst of
+# large records (16 KiB chunks of extended APDUs) cannot fill it unheard.
 WAKEUP_BYTES = 256 << 10
-RING_WAKEUP_BYTES = 1 << 20
 
 # The ring buffer is read in passes.  While the records come slowly (less
 # than HEAVY_BYTES since the last pass), at every poll: a call shows within
 # session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S; but at
 # once when they come so fast that, left until then, they would fill a
-# quarter of the buffer (a burst at full speed: the reader keeps at it).  On
+# quarter of the buffer (a burst at full speed: the reader keeps at it; the
+# kernel's wakeups, once per WAKEUP_BYTES, let it see the pace).  On
 # a machine with few CPUs, the reader's work slows the traced processes less
 # in a few long passes than in many short ones: each pass makes their
 # wake-ups land on a busy CPU, which costs them an IPI and, now and then, a
@@ -67,15 +66,16 @@ BUSY_PERIOD_S = 1.0
 
 def wakeup_bytes(buffer_bytes: int) -> int:
     """The ring buffer's mark, for a ring of buffer_bytes."""
-    return max(1, min(RING_WAKEUP_BYTES, buffer_bytes // 8))
+    return max(1, min(WAKEUP_BYTES, buffer_bytes // 4))
 
 
-def pass_due(pending: int, since_last_pass_s: float, buffer_bytes: int) -> bool:
+def pass_due(pending: int, since_last_pass_s: float, rate: float, buffer_bytes: int) -> bool:
     """Whether to read the ring buffer (of buffer_bytes) now, with pending
-    bytes of records in it, since_last_pass_s after the last pass."""
+    bytes of records in it, since_last_pass_s after the last pass, the
+    records coming at rate bytes a second."""
     return (pending < HEAVY_BYTES or since_last_pass_s >= BUSY_PERIOD_S
             # at this pace, a quarter of the buffer before the next pass
-            or pending * BUSY_PERIOD_S >= since_last_pass_s * (buffer_bytes // 4))
+            or pending + rate * BUSY_PERIOD_S >= buffer_bytes // 4)
 
 
 def perf_wakeup_events(buffer_bytes: int) -> int:
@@ -173,6 +173,7 @@ class Capture:
         self._epoll = None
         self._ring_bytes = 0        # the calls' ring buffer's size
         self._last_pass = 0.0       # when it was last read (monotonic)
+        self._look = (0, 0.0)       # what it held when last looked at, and when
         self._loads: List[bytes] = []
         self.multi = False      # uprobe_multi links (else one perf event per probe)
         self._phase_programs = {}   # uprobe_multi: is-return -> the phase's program fd
@@ -412,19 +413,17 @@ class Capture:
         one is due (BUSY_PERIOD_S); with everything, all that arrived."""
         if self.ring:
             events = self._rings["events"]
-            pending = events.pending()
             # A pass due on a fast stream is made at once (the kernel would
             # wake us only at its next mark); a slow one is read after the wait.
-            at_once = everything or (pending >= HEAVY_BYTES and pass_due(
-                pending, time.monotonic() - self._last_pass, self._ring_bytes))
-            self._epoll.poll(0 if at_once else timeout_ms / 1000)
+            if not (everything or self._pass_due(events, fast_only=True)):
+                self._epoll.poll(timeout_ms / 1000)
             # Loads first: a process's library load precedes its calls.
             if "loads" in self._rings:
                 self._loads.extend(self._rings["loads"].read())
-            now = time.monotonic()
-            if everything or pass_due(events.pending(), now - self._last_pass, self._ring_bytes):
+            if everything or self._pass_due(events):
                 self._batch.extend(events.read())
-                self._last_pass = now
+                self._last_pass = time.monotonic()
+                self._look = (events.pending(), self._last_pass)
         else:
             self._bpf.perf_buffer_poll(timeout=timeout_ms)
             self._bpf.perf_buffer_consume()
@@ -433,6 +432,18 @@ class Capture:
             self._lost(lost)
         batch, self._batch = self._batch, []
         return batch
+
+    def _pass_due(self, events: RingBuffer, fast_only: bool = False) -> bool:
+        """pass_due(), the pace measured since the last look (the last one
+        before a burst may be a poll's timeout ago: the pace since the last
+        pass would come out too slow)."""
+        now, pending = time.monotonic(), events.pending()
+        seen, at = self._look
+        self._look = (pending, now)
+        if fast_only and pending < HEAVY_BYTES:
+            return False
+        rate = (pending - seen) / (now - at) if now > at and pending > seen else 0.0
+        return pass_due(pending, now - self._last_pass, rate, self._ring_bytes)
 
     def _news(self, which: int) -> int:
         """How much a kernel-side count grew since the last look."""

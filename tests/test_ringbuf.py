@@ -64,35 +64,37 @@ def test_nothing_new():
 # When the tracer reads the ring buffer (capture.pass_due): a slow stream at
 # every poll, a fast one in passes, and at once a stream so fast that it
 # would fill a quarter of the buffer before the next pass.
-from ebpf_pcsc.capture import (BUSY_PERIOD_S, HEAVY_BYTES, RING_WAKEUP_BYTES,  # noqa: E402
+from ebpf_pcsc.capture import (BUSY_PERIOD_S, HEAVY_BYTES, WAKEUP_BYTES,  # noqa: E402
                                pass_due, wakeup_bytes)
 
 BUFFER = 64 << 20
 MIB = 1 << 20
+TRANSMIT_LOOP = 3.5e6     # bytes of records a second: SCardTransmit in a loop
+FULL_SPEED = 190e6        # SCardIsValidContext in a loop
 
 
 def test_a_slow_stream_is_read_at_every_poll():
-    assert pass_due(0, 0.0, BUFFER)
-    assert pass_due(HEAVY_BYTES - 1, 0.01, BUFFER)
+    assert pass_due(0, 0.0, 0.0, BUFFER)
+    assert pass_due(HEAVY_BYTES - 1, 0.01, 0.0, BUFFER)
 
 
 def test_a_fast_stream_waits_for_its_pass():
-    # An SCardTransmit loop: ~3.5 MB/s of records.
-    assert not pass_due(HEAVY_BYTES, 0.1, BUFFER)
-    assert not pass_due(3 * MIB, 0.9 * BUSY_PERIOD_S, BUFFER)
-    assert pass_due(HEAVY_BYTES, BUSY_PERIOD_S, BUFFER)
+    assert not pass_due(HEAVY_BYTES, 0.1, TRANSMIT_LOOP, BUFFER)
+    assert not pass_due(3 * MIB, 0.9 * BUSY_PERIOD_S, TRANSMIT_LOOP, BUFFER)
+    assert pass_due(HEAVY_BYTES, BUSY_PERIOD_S, TRANSMIT_LOOP, BUFFER)
 
 
 def test_a_stream_that_would_fill_a_quarter_is_read_at_once():
-    # SCardIsValidContext at full speed: ~190 MB/s of records.
-    assert pass_due(2 * MIB, 0.01, BUFFER)
+    assert pass_due(HEAVY_BYTES, 0.01, FULL_SPEED, BUFFER)
     # Just under and at the pace that fills a quarter in a period.
-    quarter = BUFFER // 4
-    assert not pass_due(quarter // 4 - 1, 0.25 * BUSY_PERIOD_S, BUFFER)
-    assert pass_due(quarter // 4, 0.25 * BUSY_PERIOD_S, BUFFER)
+    pace = (BUFFER // 4 - HEAVY_BYTES) / BUSY_PERIOD_S
+    assert not pass_due(HEAVY_BYTES, 0.0, pace - 1, BUFFER)
+    assert pass_due(HEAVY_BYTES, 0.0, pace, BUFFER)
+    # Or already there, whatever the pace.
+    assert pass_due(BUFFER // 4, 0.0, 0.0, BUFFER)
 
 
 def test_the_kernel_wakes_the_reader_often_enough_to_see_the_pace():
-    assert HEAVY_BYTES < wakeup_bytes(BUFFER) == RING_WAKEUP_BYTES <= BUFFER // 4
-    # A small buffer (--perf-pages 1 and the like) is woken for an eighth of it.
-    assert wakeup_bytes(4096) == 512
+    assert wakeup_bytes(BUFFER) == WAKEUP_BYTES <= HEAVY_BYTES
+    # A small buffer (--perf-pages 1 and the like): a quarter of it.
+    assert wakeup_bytes(4096) == 1024
