@@ -58,8 +58,8 @@ WAKEUP_BYTES = 256 << 10
 # wait of a whole tick.  Measured on 2 vCPUs: a process spinning a third of
 # the time cost an SCardTransmit loop 1.24 x in bursts of 20 ms, 1.12 x in
 # bursts of 100 ms; the tracer reading once a second instead of every
-# ~75 ms (a wakeup per 256 KiB), 1.07-1.13 x instead of 1.17-1.24 x in loops
-# of 3 to 10 s (once every 0.5 s: 1.16-1.19 x).
+# ~75 ms (at each wakeup), 1.07-1.16 x instead of 1.17-1.38 x in loops of 3
+# to 10 s, four experiments (once every 0.5 s: 1.16-1.19 x).
 HEAVY_BYTES = 256 << 10
 BUSY_PERIOD_S = 1.0
 
