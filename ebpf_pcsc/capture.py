@@ -36,8 +36,9 @@ def default_perf_pages() -> int:
         pages *= 2
     return pages
 
-# The kernel wakes the reader once per this many bytes of records, not for
-# each record: every wakeup is an interrupt the traced thread pays for,
+# The kernel wakes the reader once per this many bytes of records written by
+# a CPU, not for each record: every wakeup is an interrupt the traced thread
+# pays for,
 # raised by the record that reaches the mark -- a self-IPI, which a virtual
 # machine turns into an exit (perf showed ~10 us each; ~20 us per call with
 # a wakeup per record, ~0.3 us with one per 64 records).  What is left below
@@ -51,7 +52,8 @@ WAKEUP_BYTES = 256 << 10
 # session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S; but at
 # once when they come so fast that, left until then, they would fill a
 # quarter of the buffer (a burst at full speed: the reader keeps at it; the
-# kernel's wakeups, once per WAKEUP_BYTES, let it see the pace).  On
+# kernel's wakeups, once per WAKEUP_BYTES, let it see the pace, measured over
+# PACE_WINDOW_S at least).  On
 # a machine with few CPUs, the reader's work slows the traced processes less
 # in a few long passes than in many short ones: each pass makes their
 # wake-ups land on a busy CPU, which costs them an IPI and, now and then, a
@@ -62,6 +64,10 @@ WAKEUP_BYTES = 256 << 10
 # to 10 s, four experiments (once every 0.5 s: 1.16-1.19 x).
 HEAVY_BYTES = 256 << 10
 BUSY_PERIOD_S = 1.0
+# A pace measured over less time is noise (one 16 KiB chunk in 100 µs looks
+# like 160 MB/s; in 2 ms, 8 MB/s, far from filling a quarter of the buffer
+# in a second), and a longer window would see a burst at full speed late.
+PACE_WINDOW_S = 0.002
 
 
 def wakeup_bytes(buffer_bytes: int) -> int:
@@ -414,13 +420,17 @@ class Capture:
         if self.ring:
             events = self._rings["events"]
             # A pass due on a fast stream is made at once (the kernel would
-            # wake us only at its next mark); a slow one is read after the wait.
-            if not (everything or self._pass_due(events, fast_only=True)):
-                self._epoll.poll(timeout_ms / 1000)
+            # wake us only at its next mark); a slow one is read after the
+            # wait.  Decided once per poll.
+            due = everything or self._pass_due(events, fast_only=True)
+            # Not waiting still takes the readiness the kernel may have
+            # signalled (edge-triggered), or the next wait would return at once.
+            self._epoll.poll(0 if due else timeout_ms / 1000)
+            due = due or self._pass_due(events)
             # Loads first: a process's library load precedes its calls.
             if "loads" in self._rings:
                 self._loads.extend(self._rings["loads"].read())
-            if everything or self._pass_due(events):
+            if due:
                 self._batch.extend(events.read())
                 self._last_pass = time.monotonic()
                 self._look = (events.pending(), self._last_pass)
@@ -434,15 +444,19 @@ class Capture:
         return batch
 
     def _pass_due(self, events: RingBuffer, fast_only: bool = False) -> bool:
-        """pass_due(), the pace measured since the last look (the last one
-        before a burst may be a poll's timeout ago: the pace since the last
-        pass would come out too slow)."""
+        """pass_due(), the pace measured since an earlier look, at least
+        PACE_WINDOW_S ago (not since the last pass: the last look before a
+        burst may be a poll's timeout ago, and the pace would come out too
+        slow).  fast_only: False for a slow stream (it is read after the
+        poll's wait)."""
         now, pending = time.monotonic(), events.pending()
         seen, at = self._look
-        self._look = (pending, now)
+        rate = 0.0
+        if now - at >= PACE_WINDOW_S:
+            rate = max(0, pending - seen) / (now - at)
+            self._look = (pending, now)
         if fast_only and pending < HEAVY_BYTES:
             return False
-        rate = (pending - seen) / (now - at) if now > at and pending > seen else 0.0
         return pass_due(pending, now - self._last_pass, rate, self._ring_bytes)
 
     def _news(self, which: int) -> int:

@@ -50,7 +50,9 @@ class Options:
 # The longest the tracer sleeps: how late a call that wakes no one (the
 # kernel side wakes the tracer once per batch of records) may show while the
 # calls come slowly (while they come fast, see capture.BUSY_PERIOD_S), and
-# how often -p looks whether its processes have ended, and Ctrl-C is seen.
+# how often -p looks whether its processes have ended, and Ctrl-C is seen --
+# between two passes over the buffer: handling a pass of a fast stream takes
+# its time (up to a second's calls, or a quarter of the buffer in a burst).
 POLL_MS = 100
 
 

@@ -220,7 +220,7 @@ def latency_spread(path):
         return us[min(len(us) - 1, int(q * len(us)))]
 
     return dict(p50_us=pct(0.5), p99_us=pct(0.99), p999_us=pct(0.999),
-                stalled_share=sum(x for x in us if x > STALL_US) / sum(us))
+                stalled_share=sum(x for x in us if x > STALL_US) / (sum(us) or 1))
 
 
 class Client:
@@ -543,8 +543,6 @@ class PcscSpy:
 
 # Its CPU share before any traced run has measured the tracer's.
 BUSY_DEFAULT_SHARE = 0.25
-# It works in bursts, as the tracer does (woken once per batch of records).
-BUSY_PERIOD_S = 0.06
 
 _BUSY_SOURCE = r"""
 import sys, time
@@ -561,9 +559,13 @@ while True:
 class BusyProcess:
     """A process that has nothing to do with PC/SC and uses a CPU share in
     bursts: what any such neighbour costs the loop on this machine, to set
-    beside what the tracer costs it."""
+    beside what the tracer costs it.  With the tracer's share while the
+    client ran (CPU-time ticks: meaningless in --quick's short loops)."""
 
     def __init__(self, share):
+        # It works in bursts, one per period as the tracer's passes (the
+        # length of the bursts changes what they cost the loop).
+        from ebpf_pcsc.capture import BUSY_PERIOD_S
         self.proc = subprocess.Popen([sys.executable, "-c", _BUSY_SOURCE, "%.4f" % share,
                                       str(BUSY_PERIOD_S)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
@@ -636,14 +638,16 @@ class Bench:
         try:
             cpu0 = tracer.cpu_s()
             result = held.release(pattern, n)
+            cpu_in_loop = tracer.cpu_s() - cpu0
             tracer.drain(fn, n + others)
             cpu = tracer.cpu_s() - cpu0
         except BaseException:
             tracer.kill()
             raise
         run = tracer.stop(fn)
-        # Its CPU share: what it used for these calls over the time they took.
-        share = cpu / (result[0] * n / 1e6) if n and result[0] else None
+        # Its CPU share while the client ran (what it used after, on the
+        # last pass's calls, the client did not meet).
+        share = cpu_in_loop / (result[0] * n / 1e6) if n and result[0] else None
         run.update(kind=kind, calls=n, tracer_cpu_s=cpu, cpu_share=share,
                    tracer_cpu_ms_per_1000_calls=cpu * 1e3 / n * 1000 if n else None)
         if scenario == "loop":
@@ -719,7 +723,8 @@ class Bench:
         return dict(calls=n, rounds=rounds, variants=figures,
                     tracer_shown=[t["shown"] for t in runs],
                     tracer_lost_events=[t["lost_events"] for t in runs],
-                    tracer_cpu_share=median([t["cpu_share"] for t in runs]),
+                    tracer_cpu_share=median([t["cpu_share"] for t in runs
+                                             if t["cpu_share"] is not None]),
                     busy_cpu_share=median([x for x in self.busy_shares if x is not None]),
                     stall_us=STALL_US)
 

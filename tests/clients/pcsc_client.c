@@ -714,10 +714,16 @@ static int scenario_loop(long n)
 		i ? (t1 - t0) * 1e6 / i : 0.0);
 	if (latencies) {
 		FILE *f = fopen(latencies_path, "w");
+		int bad = !f;
 
-		for (long k = 0; f && k < i; k++)
-			fprintf(f, "%.0f\n", latencies[k] * 1e9);
-		if (!f || fclose(f) != 0)
+		if (f) {
+			for (long k = 0; k < i; k++)
+				fprintf(f, "%.0f\n", latencies[k] * 1e9);
+			bad = ferror(f);
+			if (fclose(f) != 0)
+				bad = 1;
+		}
+		if (bad)
 			fail("cannot write the latencies to %s\n", latencies_path);
 		free(latencies);
 	}
