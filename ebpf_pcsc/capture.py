@@ -36,32 +36,31 @@ def default_perf_pages() -> int:
         pages *= 2
     return pages
 
-# The kernel wakes the reader once per this many bytes of records written by
-# a CPU, not for each record: every wakeup is an interrupt the traced thread
-# pays for,
-# raised by the record that reaches the mark -- a self-IPI, which a virtual
-# machine turns into an exit (perf showed ~10 us each; ~20 us per call with
-# a wakeup per record, ~0.3 us with one per 64 records).  What is left below
-# the mark is read when the tracer's poll times out (session.POLL_MS,
+# The kernel wakes the reader once per this many bytes of records written by a
+# CPU, not for each record: every wakeup is an interrupt the traced thread
+# pays for, raised by the record that reaches the mark -- a self-IPI, which a
+# virtual machine turns into an exit (perf showed ~10 us each; ~20 us per call
+# with a wakeup per record, ~0.3 us with one per 64 records).  What is left
+# below the mark is read when the tracer's poll times out (session.POLL_MS,
 # 100 ms).  The mark stays under a quarter of the buffer, so that a burst of
 # large records (16 KiB chunks of extended APDUs) cannot fill it unheard.
 WAKEUP_BYTES = 256 << 10
 
-# The ring buffer is read in passes.  While the records come slowly (less
-# than HEAVY_BYTES since the last pass), at every poll: a call shows within
-# session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S; but at
-# once when they come so fast that, left until then, they would fill a
-# quarter of the buffer (a burst at full speed: the reader keeps at it; the
-# kernel's wakeups, once per WAKEUP_BYTES, let it see the pace, measured over
-# PACE_WINDOW_S at least).  On
-# a machine with few CPUs, the reader's work slows the traced processes less
-# in a few long passes than in many short ones: each pass makes their
-# wake-ups land on a busy CPU, which costs them an IPI and, now and then, a
-# wait of a whole tick.  Measured on 2 vCPUs: a process spinning a third of
-# the time cost an SCardTransmit loop 1.24 x in bursts of 20 ms, 1.12 x in
-# bursts of 100 ms; the tracer reading once a second instead of every
-# ~75 ms (at each wakeup), 1.07-1.16 x instead of 1.17-1.38 x in loops of 3
-# to 10 s, four experiments (once every 0.5 s: 1.16-1.19 x).
+# The ring buffer is read in passes.  While the records come slowly (less than
+# HEAVY_BYTES since the last pass), at every poll: a call shows within
+# session.POLL_MS.  While they come fast, once per BUSY_PERIOD_S; but at once
+# when they come so fast that, left until then, they would fill a quarter of
+# the buffer (a burst at full speed: the reader keeps at it; the kernel's
+# wakeups, once per WAKEUP_BYTES, let it see the pace, measured over
+# PACE_WINDOW_S at least).  On a machine with few CPUs, the reader's work
+# slows the traced processes less in a few long passes than in many short
+# ones: each pass makes their wake-ups land on a busy CPU, which costs them an
+# IPI and, now and then, a wait of a whole tick.  Measured on 2 vCPUs: a
+# process spinning a third of the time cost an SCardTransmit loop 1.24 x in
+# bursts of 20 ms, 1.12 x in bursts of 100 ms; the tracer reading once a
+# second instead of every ~75 ms (at each wakeup), 1.07-1.16 x instead of
+# 1.17-1.38 x in loops of 3 to 10 s, four experiments (once every 0.5 s:
+# 1.16-1.19 x).
 HEAVY_BYTES = 256 << 10
 BUSY_PERIOD_S = 1.0
 # A pace measured over less time is noise (one 16 KiB chunk in 100 µs looks
@@ -447,8 +446,8 @@ class Capture:
         """pass_due(), the pace measured since an earlier look, at least
         PACE_WINDOW_S ago (not since the last pass: the last look before a
         burst may be a poll's timeout ago, and the pace would come out too
-        slow).  fast_only: False for a slow stream (it is read after the
-        poll's wait)."""
+        slow).  fast_only: answer False for a slow stream (the caller reads
+        it after the poll's wait)."""
         now, pending = time.monotonic(), events.pending()
         seen, at = self._look
         rate = 0.0
