@@ -582,8 +582,11 @@ class TextSink:
             self._print(header)
             self._print("Results sorted by total execution time")
             self._print("total time: %f sec" % total)
-            for name, durations in th.by_total_time():
-                spent = durations.seconds
+            # pcsc-spy 2.x comes with Python >= 3.12 (Debian 13), whose sum()
+            # is compensated; 1.9.9 with Debian 12's 3.11, whose is not.
+            compensated = self.result_dialect == "2.2"
+            for name, durations in th.by_total_time(compensated):
+                spent = durations.total_seconds(compensated)
                 share = spent / total * 100.0 if total else 0.0
                 self._print("%f sec (%3d calls) %5.2f%% %s" % (spent, durations.count, share, name))
         if stats.lost:

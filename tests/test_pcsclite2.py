@@ -430,6 +430,37 @@ def test_read_pcsc_spy_2_3_3_raw_log(runs, tmp_path):
     assert_same_lines(summary, spy_summary, "-r on the 2.3.3 raw log: the summary")
 
 
+TIE_LOG = Path(__file__).parent / "data" / "spylogs" / "tie_2_3_3.log"
+
+
+def test_summary_ties_as_pcsc_spy_2_3_3_sums_them(stack2, tmp_path):
+    """A 2.3.3 raw log (a run of the `all` scenario) in which SCardFreeMemory
+    (60+29+33+29 µs) and SCardGetAttrib (55+96 µs) both total 151 µs. pcsc-spy
+    adds them with sum(), which Python 3.12 made compensated: under the root's
+    Python 3.13 they tie and keep the order of their first returns, where a plain
+    sum comes out one ulp short for SCardFreeMemory. With --spy-format 2.2 our
+    summary is 2.3.3's pcsc-spy's, as it runs in its own distribution."""
+    (stack2.tmpdir / "tie.log").write_bytes(TIE_LOG.read_bytes())
+    spy = stack2.run([trixie.ROOT_PYTHON, trixie.PCSC_SPY, "-n", "-d", "/tmp/tie.log"],
+                     timeout=120)
+    assert spy.returncode == 0, spy.stderr
+    _, spy_summary = ref.split_summary(spy.stdout)
+    order = [l.split()[-1] for l in spy_summary if l.endswith(("SCardFreeMemory",
+                                                                "SCardGetAttrib"))]
+    assert order == ["SCardFreeMemory", "SCardGetAttrib"], spy_summary
+    r = run_tracer("-r", TIE_LOG, "-n", "-d", "--spy-format", "2.2")
+    assert r.returncode == 0, r.stderr
+    assert_same_lines(ref.split_summary(r.stdout)[1], spy_summary,
+                      "-r --spy-format 2.2 on a log with a tie: the summary")
+    # The premise: the plain sum (pcsc-spy 1.9.9 under Debian 12's Python 3.11)
+    # orders these two the other way.
+    plain = run_tracer("-r", TIE_LOG, "-n", "-d")
+    assert plain.returncode == 0, plain.stderr
+    assert [l.split()[-1] for l in ref.split_summary(plain.stdout)[1]
+            if l.endswith(("SCardFreeMemory", "SCardGetAttrib"))] == \
+        ["SCardGetAttrib", "SCardFreeMemory"]
+
+
 # -- the stack itself -------------------------------------------------------------------
 
 def test_stack_leaves_nothing_behind(client_bin):

@@ -58,10 +58,16 @@ def map_types(pid):
     fds' fdinfo: a map may have several fds, e.g. a mapped ring buffer)."""
     maps = {}
     for fd in os.listdir("/proc/%d/fd" % pid):
-        if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:bpf-map":
+        # The running tracer opens and closes other files meanwhile (the -p
+        # watch reads /proc): an fd gone by now was not one of its maps.
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) != "anon_inode:bpf-map":
+                continue
             with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
                 info = dict(line.split(":", 1) for line in f if ":" in line)
-            maps[int(info["map_id"])] = int(info["map_type"])
+        except FileNotFoundError:
+            continue
+        maps[int(info["map_id"])] = int(info["map_type"])
     return list(maps.values())
 
 

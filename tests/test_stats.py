@@ -84,6 +84,31 @@ def test_durations_in_whole_microseconds():
         "0.000002 sec (  2 calls)  0.00% SCardTransmit"]
 
 
+def test_tied_totals_as_pcsc_spy_sums_them():
+    """pcsc-spy totals a function's durations with sum(): plain on Python < 3.12
+    (pcsc-spy 1.9.9, Debian 12), compensated since (2.x, Debian 13). Here 60+29+33+29
+    µs and 55+96 µs tie only when compensated; a tie keeps the order of the first
+    returns (pcsc-spy 2.3.3 under Python 3.13 is checked in test_pcsclite2)."""
+    calls = [call("SCardFreeMemory", 1, t, us * 1000)
+             for t, us in ((0, 60), (100, 29), (200, 33), (300, 29))]
+    calls += [call("SCardGetAttrib", 1, t, us * 1000) for t, us in ((400, 55), (500, 96))]
+    stats = feed(calls)
+    free, attr = (stats.threads[(100, 1)].durations[n]
+                  for n in ("SCardFreeMemory", "SCardGetAttrib"))
+    plain = 0.0
+    for us in (60, 29, 33, 29):
+        plain += us / 1e6
+    assert free.total_seconds() == plain < 151e-6
+    assert free.total_seconds(compensated=True) == attr.total_seconds(True) == 151e-6
+
+    def order(dialect):
+        out = io.StringIO()
+        TextSink(stats, out=out, result_dialect=dialect).summary()
+        return [l.split()[-1] for l in out.getvalue().splitlines() if "calls)" in l]
+    assert order("1.9") == ["SCardGetAttrib", "SCardFreeMemory"]
+    assert order("2.2") == ["SCardFreeMemory", "SCardGetAttrib"]
+
+
 def test_many_calls_widen_the_count():
     calls = [call("SCardIsValidContext", 1, i, 1000) for i in range(1234)]
     assert summary(feed(calls)).splitlines()[-1] == \
